@@ -1,0 +1,14 @@
+"""exl2: the EXL2 weight format of exllamav2, written down and made executable.
+
+Public surface: :class:`QMatrix` (one quantized layer), :class:`GroupTable`, :class:`QParams`,
+the reference codec in :mod:`exl2.reference`, the Triton fast path in :mod:`exl2.fast`, the
+validator and test vectors in :mod:`exl2.conformance`, and file access in :mod:`exl2.io`.
+"""
+
+from .errors import ContainerError, Exl2Error, FormatError
+from .qmatrix import Group, GroupTable, QMatrix
+from .qparams import QParams
+
+__version__ = "0.1.0"
+
+__all__ = ["ContainerError", "Exl2Error", "FormatError", "Group", "GroupTable", "QMatrix", "QParams", "__version__"]

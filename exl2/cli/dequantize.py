@@ -1,0 +1,84 @@
+"""``exl2 dequantize PATH -o OUT.safetensors``: an EXL2 model back to float16 ``nn.Linear`` weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import typer
+
+from ..errors import ContainerError, Exl2Error
+from ..io import DTYPES, Model, SafetensorsWriter, open_model
+from . import app
+from .common import progress
+
+
+def backend_dequantize(name: str):
+    """The ``dequantize`` function of a backend: ``reference`` or ``fast``."""
+    if name == "reference":
+        from ..reference import dequantize
+
+        return dequantize
+    if name == "fast":
+        from .. import fast
+
+        return fast.dequantize
+    raise ContainerError(f"unknown backend {name!r} (choose reference or fast)")
+
+
+def plan_entries(model: Model) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+    """The output's tensors, in order: ``KEY.weight`` float16 ``[out_padded, in]`` for each
+    quantized layer, then every other tensor unchanged. Shapes come from the headers alone."""
+    layer_names = set()
+    entries = []
+    for key in model.layer_keys():
+        names = model.layer_tensor_names(key)
+        layer_names.update(n for n in names if n != key + ".bias")
+        qw, inv = model.tensors[key + ".q_weight"], model.tensors.get(key + ".q_invperm")
+        if inv is None:
+            raise ContainerError("is missing", file=str(qw.file), tensor=key + ".q_invperm")
+        if len(qw.shape) != 2 or len(inv.shape) != 1:
+            raise ContainerError("has the wrong number of dimensions", file=str(qw.file), tensor=key + ".q_weight")
+        if key + ".weight" in model.tensors:
+            raise ContainerError("clashes with the dequantized output name", file=str(qw.file), tensor=key + ".weight")
+        entries.append((key + ".weight", torch.float16, (qw.shape[1], inv.shape[0])))
+    for name, info in model.tensors.items():
+        if name in layer_names:
+            continue
+        if info.dtype not in DTYPES:
+            raise ContainerError(f"has unsupported dtype {info.dtype}", file=str(info.file), tensor=name)
+        entries.append((name, DTYPES[info.dtype], info.shape))
+    return entries
+
+
+@app.command("dequantize")
+def dequantize_cmd(
+    path: Path = typer.Argument(..., help="EXL2 model folder or .safetensors file"),
+    output: Path = typer.Option(..., "-o", "--output", help="output .safetensors file"),
+    backend: str = typer.Option("reference", help="reference (pure PyTorch) or fast (Triton)"),
+) -> None:
+    """Write KEY.weight (float16, [out_features_padded, in_features], input features in original
+    order) for every quantized layer, and copy every other tensor unchanged. Streams one layer at
+    a time; nothing is left at OUT on error."""
+    from . import fail
+
+    try:
+        if output.suffix != ".safetensors":
+            raise ContainerError("output must end in .safetensors", file=str(output))
+        decode = backend_dequantize(backend)
+        model = open_model(path)
+        if not model.layer_keys():
+            raise ContainerError("holds no EXL2 layer (no *.q_weight tensor)", file=str(path))
+        entries = plan_entries(model)
+        layer_of = {f"{k}.weight": k for k in model.layer_keys()}
+        with SafetensorsWriter(output, entries, metadata={"format": "pt", "source": "exl2 dequantize"}) as w:
+            for name, _, _ in progress(entries, len(entries), "dequantize"):
+                if name in layer_of:
+                    tensor = decode(model.qmatrix(layer_of[name])).T.contiguous()
+                else:
+                    tensor = model[name]
+                w.write(name, tensor)
+    except Exl2Error as e:
+        raise fail(e) from None
+    except (ValueError, RuntimeError) as e:  # a tensor whose bytes disagree with its header
+        raise fail(ContainerError(str(e).splitlines()[0], file=str(path))) from None

@@ -1,0 +1,1 @@
+"""Conformance: the validator, test vectors and the harness for other implementations."""

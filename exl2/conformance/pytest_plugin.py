@@ -1,0 +1,1 @@
+"""pytest plugin of the conformance suite (see docs/porting.md)."""

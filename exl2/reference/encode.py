@@ -1,0 +1,190 @@
+"""Encoding (spec 7): from float weights to a QMatrix, as exllamav2's converter does it.
+
+The steps, for a weight ``W`` (``nn.Linear`` orientation ``[out_features, in_features]``):
+
+1. transpose to ``[in_features, out_features]``: rows are input features;
+2. act-order: with a Hessian, rows sorted by its diagonal, largest first; without, kept in order;
+3. the group plan of the QParams (widths non-increasing);
+4. per group, in order: the scale search (:func:`find_scales`), then codes, row by row with GPTQ's
+   error feedback when a Hessian is given (:func:`quantize` ), all at once without one;
+5. padding of the columns to a multiple of 32, and packing.
+
+Bit-exact parts (spec 8.1): the codes given the scales, the scales given the chosen multiplier,
+packing. Parts within a bound (spec 8.2): the multiplier search (exllamav2 sums errors with
+atomics and a fast ``powf``, so near-ties can resolve differently) and GPTQ's float32 feedback.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..format import padded_columns, zero_point
+from ..qmatrix import QMatrix
+from ..qparams import QParams
+from .packing import pack_codes, pack_scales
+
+#: The multiplier grid of the scale search (exllamav2 ``AdaptiveQuantizer``): 97 points from
+#: 0.70 to 1.20, error norm 3.5.
+P_MIN, P_MAX, P_GRID, ERR_NORM = 0.70, 1.20, 96, 3.5
+
+#: GPTQ damping, as a fraction of the mean Hessian diagonal (``AdaptiveGPTQ.percdamp``).
+PERCDAMP = 0.12
+
+
+@dataclass(frozen=True)
+class GroupScales:
+    """Result of the scale search for one group."""
+
+    codes: torch.Tensor  #: int64 ``[N]``, the 4-bit scale code plus one, ``qs`` in 1..16
+    scale_max: torch.Tensor  #: float16 scalar, the stored ``q_scale_max``
+    scale: torch.Tensor  #: float32 ``[N]``, the decoded column scales (float16 values)
+
+
+def decoded_scales(qs: torch.Tensor, scale_max: torch.Tensor) -> torch.Tensor:
+    """float32 ``[N]`` of float16 values: the scales a decoder computes from ``qs`` (1..16) and the
+    stored float16 maximum (spec 6.1, 6.2). The encoder quantizes with exactly these."""
+    group_max = (scale_max.to(torch.float32) / 256).to(torch.float16).to(torch.float32)
+    return (qs.square().to(torch.float32) * group_max).to(torch.float16).to(torch.float32)
+
+
+def _multipliers(device: torch.device) -> torch.Tensor:
+    """The 97 grid multipliers as exllamav2's error kernel computes them (float32)."""
+    pi = torch.arange(P_GRID + 1, dtype=torch.float32, device=device) / P_GRID
+    return P_MIN * (1 - pi) + P_MAX * pi
+
+
+def find_scales(w: torch.Tensor, bits: int) -> GroupScales:
+    """Scale search for one group ``w`` ``[rows, N]`` float32 (spec 7.2; ``find_params``).
+
+    Per column the ideal scale ``base = (max|w| + 1e-12) / (maxq / 2)``; its ratio to the group's
+    largest is coded in 4 bits as ``qs = clamp(round(sqrt(base / smax) * 16), 1, 16)``; then one
+    multiplier ``p`` for the whole group is chosen from the grid to minimise
+    ``sum |clamp(rint(w / s), -z, maxq - z) * s - w| ^ 3.5`` with ``s = (qs / 16)^2 * smax * p``.
+    """
+    maxq = (1 << bits) - 1
+    z = zero_point(bits)
+    base = (w.abs().amax(dim=0) + 1e-12) / (maxq / 2)
+    smax = base.max()
+    qs = torch.clamp(torch.round(torch.sqrt(base / smax) * 16), 1, 16)
+    trial = (qs / 16) ** 2 * smax
+
+    errors = torch.empty(P_GRID + 1, dtype=torch.float32, device=w.device)
+    for i, p in enumerate(_multipliers(w.device)):
+        s = trial * p
+        q = torch.clamp(torch.round(w / s), -z, maxq - z)
+        errors[i] = ((q * s - w).abs() ** ERR_NORM).sum()
+    best = torch.argmin(errors)  # first of equal minima
+    frac = best.to(torch.float32) / P_GRID
+    p = P_MAX * frac + P_MIN * (1 - frac)
+
+    scale_max = (smax * p).to(torch.float16)
+    qs = qs.to(torch.int64)
+    return GroupScales(codes=qs, scale_max=scale_max, scale=decoded_scales(qs, scale_max))
+
+
+def encode_rows(w: torch.Tensor, scale: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes and their decoded values for rows ``w`` ``[..., N]`` under ``scale`` ``[N]`` (spec 7.3).
+
+    ``q = clamp(rint(w / s) + 2^(b-1), 0, 2^b - 1)`` in float32 with a correctly rounded division
+    and round-half-to-even; the decoded value is ``half(half(q - z) * half(s))``."""
+    maxq = (1 << bits) - 1
+    z = zero_point(bits)
+    q = torch.clamp(torch.round(w / scale) + z, 0, maxq)
+    value = ((q - z) * scale).to(torch.float16).to(torch.float32)
+    return q.to(torch.int64), value
+
+
+def _inverse_hessian_factor(h: torch.Tensor) -> torch.Tensor:
+    """Upper Cholesky factor of the damped inverse Hessian (``AdaptiveGPTQ.prepare``)."""
+    h = h.clone()
+    damp = torch.clamp(PERCDAMP * torch.diagonal(h).mean(), min=1e-5)
+    for _ in range(10):
+        h.diagonal().add_(damp)
+        chol, info = torch.linalg.cholesky_ex(h)
+        if info == 0:
+            inv = torch.cholesky_inverse(chol)
+            if not torch.isnan(inv).any():
+                u, info = torch.linalg.cholesky_ex(inv, upper=True)
+                if info == 0:
+                    return u
+    raise ValueError("Hessian is not invertible, even with extra damping")
+
+
+def quantize(weight: torch.Tensor, qparams: QParams, hessian: torch.Tensor | None = None,
+             bias: torch.Tensor | None = None) -> QMatrix:
+    """Encode ``weight`` (``[out_features, in_features]``, any float dtype) to a QMatrix.
+
+    Without ``hessian``: round-to-nearest per group, rows in their original order. With
+    ``hessian`` (``[in_features, in_features]``, the mean of ``X^T X`` over calibration inputs):
+    act-order and GPTQ's error feedback."""
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D, has shape {list(weight.shape)}")
+    out_features, in_features = weight.shape
+    w = weight.detach().to(torch.float32).T.contiguous()  # [K, N]
+    if not torch.isfinite(w).all():
+        raise ValueError("weight holds NaN or Inf")
+
+    if hessian is None:
+        perm = torch.arange(in_features, device=w.device)
+        u = None
+    else:
+        if hessian.shape != (in_features, in_features):
+            raise ValueError(f"hessian must be [{in_features}, {in_features}], has {list(hessian.shape)}")
+        h = hessian.detach().to(device=w.device, dtype=torch.float32)
+        perm = torch.argsort(torch.diagonal(h), descending=True, stable=True)
+        u = _inverse_hessian_factor(h[perm][:, perm])
+    w = w[perm]
+
+    plan = qparams.plan(in_features)
+    codes = torch.empty(w.shape, dtype=torch.int64, device=w.device)
+    scale_codes, scale_maxes = [], []
+    for bits, a, n in plan.groups:
+        b = a + n
+        found = find_scales(w[a:b], bits)
+        scale_codes.append(found.codes)
+        scale_maxes.append(found.scale_max)
+        if u is None:
+            codes[a:b], _ = encode_rows(w[a:b], found.scale, bits)
+            continue
+        err = torch.empty_like(w[a:b])
+        for r in range(a, b):
+            codes[r], value = encode_rows(w[r], found.scale, bits)
+            err[r - a] = (w[r] - value) / u[r, r]
+            # Feed the error forward to the rows of this group not yet quantized ...
+            w[r + 1:b] -= u[r, r + 1:b, None] * err[r - a][None, :]
+        # ... and, once per group, to every later row.
+        w[b:] -= u[a:b, b:].T @ err
+
+    return pack(codes, plan.groups, torch.stack(scale_codes), torch.stack(scale_maxes),
+                torch.argsort(perm).to(torch.int32), out_features, bias)
+
+
+def pack(codes: torch.Tensor, groups, scale_codes: torch.Tensor, scale_max: torch.Tensor,
+         q_invperm: torch.Tensor, out_features: int, bias: torch.Tensor | None = None) -> QMatrix:
+    """Assemble a QMatrix from codes ``[K, N]`` (act-order rows), the group plan
+    ``(bits, first_row, rows)``, scale codes ``qs`` ``[G, N]`` (1..16) and float16 maxima ``[G]``.
+
+    Padded columns get the zero-point code and scale code 0xF (spec 3.2, exllamav2 ``pack``)."""
+    cols = padded_columns(out_features)
+    pad = cols - out_features
+    words, offsets = [], []
+    qrow = 0
+    for bits, a, n in groups:
+        block = torch.full((n, cols), zero_point(bits), dtype=torch.int64, device=codes.device)
+        block[:, :out_features] = codes[a:a + n]
+        packed = pack_codes(block, bits)
+        words.append(packed)
+        offsets += [bits, qrow]
+        qrow += packed.shape[0]
+    nibbles = torch.nn.functional.pad(scale_codes - 1, (0, pad), value=15)
+    return QMatrix(
+        q_weight=torch.cat(words),
+        q_scale=pack_scales(nibbles),
+        q_scale_max=scale_max.to(torch.float16).reshape(-1),
+        q_groups=torch.tensor(offsets, dtype=torch.int16),
+        q_invperm=q_invperm.to(torch.int32),
+        bias=None if bias is None else bias.detach().to(torch.float16),
+        out_features=out_features,
+    )
