@@ -70,12 +70,15 @@ def find_scales(w: torch.Tensor, bits: int) -> GroupScales:
     qs = torch.clamp(torch.round(torch.sqrt(base / smax) * 16), 1, 16)
     trial = (qs / 16) ** 2 * smax
 
-    errors = torch.empty(P_GRID + 1, dtype=torch.float32, device=w.device)
-    for i, p in enumerate(_multipliers(w.device)):
-        s = trial * p
-        q = torch.clamp(torch.round(w / s), -z, maxq - z)
-        errors[i] = ((q * s - w).abs() ** ERR_NORM).sum()
-    best = torch.argmin(errors)  # first of equal minima
+    # The grid is tried in chunks of multipliers at once: [chunk, rows, N] per step.
+    grid = _multipliers(w.device)
+    chunk = max(1, min(len(grid), (1 << 22) // max(1, w.numel())))
+    errors = []
+    for ps in grid.split(chunk):
+        s = trial[None, None, :] * ps[:, None, None]
+        q = torch.clamp(torch.round(w[None] / s), -z, maxq - z)
+        errors.append(((q * s - w[None]).abs() ** ERR_NORM).sum(dim=(1, 2)))
+    best = torch.argmin(torch.cat(errors))  # first of equal minima
     frac = best.to(torch.float32) / P_GRID
     p = P_MAX * frac + P_MIN * (1 - frac)
 
