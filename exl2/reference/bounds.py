@@ -25,16 +25,21 @@ GPTQ_MAX_ERROR_RATIO = 1.02
 SCALE_SEARCH_REL = 1e-5
 
 
-def matmul_tolerance(x: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Allowed ``|y - y_ref|`` per output element for ``y = x @ b`` (``b`` the float16 decoded matrix)."""
+def matmul_tolerance(x: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Allowed ``|y - y_ref|`` per output element for ``y = x @ b + bias`` (``b`` the float16 decoded
+    matrix): the relative slack times ``sum_k |x_k| |b_kn| + |bias_n|``, plus the absolute floor."""
     mag = x.abs().to(torch.float32) @ b.abs().to(torch.float32)
+    if bias is not None:
+        mag = mag + bias.abs().to(torch.float32)[: mag.shape[-1]]
     return MATMUL_REL.get(x.dtype, 2.0**-9) * mag + MATMUL_ABS
 
 
-def matmul_within_bound(y: torch.Tensor, y_ref: torch.Tensor, x: torch.Tensor, b: torch.Tensor) -> bool:
+def matmul_within_bound(y: torch.Tensor, y_ref: torch.Tensor, x: torch.Tensor, b: torch.Tensor,
+                        bias: torch.Tensor | None = None) -> bool:
     """Whether ``y`` agrees with the reference product ``y_ref`` within :func:`matmul_tolerance`."""
-    diff = (y.to(torch.float32) - y_ref.to(torch.float32)).abs()
-    return bool((diff <= matmul_tolerance(x, b)[..., : y.shape[-1]]).all())
+    b = b[:, : y.shape[-1]]
+    diff = (y.to(torch.float64) - y_ref.to(torch.float64)).abs()
+    return bool((diff <= matmul_tolerance(x, b, bias)).all())
 
 
 def hessian_weighted_error(w: torch.Tensor, w_hat: torch.Tensor, hessian: torch.Tensor) -> float:
