@@ -71,3 +71,9 @@ def test_scale_nibble_positions():
 def test_block_table():
     assert {b: (BLOCKS[b].rows, BLOCKS[b].words) for b in WIDTHS} == {
         8: (4, 1), 6: (16, 3), 5: (32, 5), 4: (8, 1), 3: (32, 3), 2: (16, 1)}
+
+
+def test_spec_worked_example():
+    # spec 5.2: one 3-bit column with c_i = i mod 8; the words computed by hand in the spec.
+    packed = pack_codes(torch.tensor([i % 8 for i in range(32)])[:, None], 3)
+    assert [int(v) & 0xFFFFFFFF for v in packed[:, 0]] == [0x88FAC688, 0xC688FAC6, 0xFAC688FA]
