@@ -9,6 +9,7 @@ only once complete, so an interrupted or failed write leaves nothing at the targ
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import struct
@@ -82,13 +83,18 @@ def shard_files(path: Path) -> list[Path]:
     return [path]
 
 
+def config_path(path: Path) -> Path:
+    """Where a model's config.json is: in the folder, or beside the single file."""
+    return (path if path.is_dir() else path.parent) / "config.json"
+
+
 class Model(Mapping[str, torch.Tensor]):
     """A model folder or a single safetensors file, read lazily. A read-only mapping from tensor
     name to tensor; ``config`` is ``config.json`` (``{}`` when there is none)."""
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(self, path: str | os.PathLike, files: list[Path] | None = None) -> None:
         self.path = Path(path)
-        self.files = shard_files(self.path)
+        self.files = shard_files(self.path) if files is None else files
         self.tensors: dict[str, TensorInfo] = {}
         for f in self.files:
             header, _ = read_header(f)
@@ -100,11 +106,15 @@ class Model(Mapping[str, torch.Tensor]):
                 if name in self.tensors:
                     raise ContainerError(f"is also in {self.tensors[name].file.name}", file=str(f), tensor=name)
                 self.tensors[name] = TensorInfo(name, f, str(entry.get("dtype")), tuple(entry["shape"]))
-        self.config = self._read_config()
         self._handles: dict[Path, object] = {}
 
+    @functools.cached_property
+    def config(self) -> dict:
+        """config.json beside the weights (``{}`` when there is none); read on first use."""
+        return self._read_config()
+
     def _read_config(self) -> dict:
-        cfg = (self.path if self.path.is_dir() else self.path.parent) / "config.json"
+        cfg = config_path(self.path)
         if not cfg.is_file():
             return {}
         try:

@@ -1,0 +1,213 @@
+"""``validate_path``: every check of the spec over a model folder or safetensors file, streaming
+one layer at a time. Never raises for bad content; raises :class:`exl2.ContainerError` only when
+there is nothing to validate (missing path, no safetensors file)."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel
+
+from ..errors import ContainerError, Exl2Error
+from ..io import Model, config_path, shard_files
+from ..qmatrix import QMatrix
+from ..reference import dequantize
+from .config import check_float_shape, check_layer_shape, check_quantization_config, llama_dims
+from .container import check_file
+from .findings import Finding, finding
+from .rules import check_layer
+
+SCHEMA_VERSION = 1
+SHARD_NAME = re.compile(r"^output(-\d{5}-of-\d{5})?\.safetensors$")
+#: |achieved - target| bits per weight above which EXL2-K005 is reported.
+BPW_TOLERANCE = 0.3
+
+
+class LayerStats(BaseModel):
+    """Per-layer statistics of the decoded weights (``--deep``)."""
+
+    key: str
+    in_features: int
+    out_features: int
+    bpw: float
+    min: float | None = None
+    max: float | None = None
+    mean: float | None = None
+    std: float | None = None
+    nonfinite: int | None = None
+
+
+class Summary(BaseModel):
+    errors: int
+    warnings: int
+    infos: int
+    layers: int
+    files: int
+    bpw: float | None
+    target_bpw: float | None
+    seconds: float
+    bytes: int
+    layers_per_second: float
+    megabytes_per_second: float
+
+
+class Report(BaseModel):
+    """The validator's report; ``exl2 validate --json`` prints it."""
+
+    schema_version: int = SCHEMA_VERSION
+    path: str
+    files: list[str]
+    ok: bool
+    deep: bool
+    summary: Summary
+    findings: list[Finding]
+    layers: list[LayerStats]
+
+
+def validate_path(path: str | Path, *, deep: bool = False, progress=None) -> Report:
+    """Validate a model folder or a ``.safetensors`` file. ``progress`` wraps the layer iterator
+    (``progress(items, total, description)``) when given."""
+    start = time.perf_counter()
+    path = Path(path)
+    files = shard_files(path)
+    findings: list[Finding] = []
+
+    good = []
+    for f in files:
+        check = check_file(f)
+        findings += check.findings
+        if check.ok:
+            good.append(f)
+        if path.is_dir() and not SHARD_NAME.match(f.name):
+            findings.append(finding("EXL2-C008", file=str(f), message="exllamav2 writes output.safetensors or "
+                                                                      "output-NNNNN-of-NNNNN.safetensors"))
+    good = _drop_duplicates(good, findings)
+    config, cfg_findings = _read_config(path)
+    findings += cfg_findings
+    qc = None
+    if config is not None:
+        qc_findings, qc = check_quantization_config(config, str(config_path(path)))
+        findings += qc_findings
+    if path.is_dir():
+        findings += _check_index(path, files)
+
+    model = Model(path, files=good)
+    dims = llama_dims(config) if config else None
+    layers: list[LayerStats] = []
+    q_bits = q_weights = 0
+    keys = model.layer_keys()
+    for key in (progress(keys, len(keys), "validate") if progress else keys):
+        file = str(model.tensors[key + ".q_weight"].file)
+        out_features = None
+        if dims is not None:
+            qw, inv = model.tensors[key + ".q_weight"], model.tensors.get(key + ".q_invperm")
+            if inv is not None and len(qw.shape) == 2 and len(inv.shape) == 1:
+                shape_findings, out_features = check_layer_shape(dims, key, inv.shape[0], qw.shape[1], file)
+                findings += shape_findings
+        tensors = {}
+        for name in model.layer_tensor_names(key):
+            try:
+                tensors[name] = model[name]
+            except Exl2Error as e:
+                findings.append(finding("EXL2-C009", file=e.file, tensor=name, message=e.message))
+        layer_findings = check_layer(tensors, key, file=file, out_features=out_features)
+        findings += layer_findings
+        if any(f.severity == "error" for f in layer_findings):
+            continue
+        try:
+            qm = QMatrix.from_tensors(tensors, key, out_features=out_features)
+        except Exl2Error:  # pragma: no cover - check_layer found nothing, so QMatrix accepts it
+            continue
+        stats = LayerStats(key=key, in_features=qm.in_features, out_features=qm.out_features, bpw=qm.bits_per_weight)
+        if key != "lm_head":
+            q_bits += qm.storage_bits()
+            q_weights += qm.in_features * qm.out_features
+        if deep:
+            _decode_stats(qm, stats, findings, file, key)
+        layers.append(stats)
+        del tensors, qm
+
+    if dims is not None:
+        for name, info in model.tensors.items():
+            findings += check_float_shape(dims, name, info.shape, str(info.file))
+    bpw = q_bits / q_weights if q_weights else None
+    if bpw is not None and qc is not None and abs(bpw - qc.bits) > BPW_TOLERANCE:
+        findings.append(finding("EXL2-K005", file=str(config_path(path)),
+                                message=f"layers average {bpw:.3f} bits per weight, quantization_config.bits is {qc.bits}"))
+
+    seconds = time.perf_counter() - start
+    nbytes = sum(f.stat().st_size for f in files)
+    count = {s: sum(f.severity == s for f in findings) for s in ("error", "warning", "info")}
+    summary = Summary(errors=count["error"], warnings=count["warning"], infos=count["info"], layers=len(keys),
+                      files=len(files), bpw=bpw, target_bpw=qc.bits if qc else None, seconds=seconds, bytes=nbytes,
+                      layers_per_second=len(keys) / seconds if seconds else 0.0,
+                      megabytes_per_second=nbytes / 1e6 / seconds if seconds else 0.0)
+    return Report(path=str(path), files=[str(f) for f in files], ok=count["error"] == 0, deep=deep,
+                  summary=summary, findings=findings, layers=layers)
+
+
+def _drop_duplicates(files: list[Path], findings: list[Finding]) -> list[Path]:
+    """Files whose tensor names are not already in an earlier file (EXL2-C006 for the rest)."""
+    seen: dict[str, Path] = {}
+    keep = []
+    for f in files:
+        names = [e.name for e in check_file(f).entries]
+        dup = [n for n in names if n in seen]
+        for n in dup[:10]:
+            findings.append(finding("EXL2-C006", file=str(f), tensor=n, message=f"is also in {seen[n].name}"))
+        if not dup:
+            keep.append(f)
+            seen.update((n, f) for n in names)
+    return keep
+
+
+def _read_config(path: Path) -> tuple[dict | None, list[Finding]]:
+    cfg = config_path(path)
+    if not cfg.is_file():
+        return None, [finding("EXL2-K002", file=str(cfg), message="config.json not found")] if path.is_dir() else []
+    try:
+        data = json.loads(cfg.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        return None, [finding("EXL2-K001", file=str(cfg), message=f"is not valid JSON: {str(e).splitlines()[0][:100]}")]
+    if not isinstance(data, dict):
+        return None, [finding("EXL2-K001", file=str(cfg), message=f"is a JSON {type(data).__name__}, not an object")]
+    return data, []
+
+
+def _check_index(folder: Path, files: list[Path]) -> list[Finding]:
+    index = folder / "model.safetensors.index.json"
+    if not index.is_file():
+        return []
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {})
+        named = set(weight_map.values())
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError, TypeError, RecursionError):
+        return [finding("EXL2-C007", file=str(index), message="is not a valid index file; readers ignore it")]
+    missing = sorted(n for n in named if not (folder / str(n)).is_file())
+    if missing:
+        return [finding("EXL2-C007", file=str(index), message=f"names {len(missing)} file(s) that do not exist "
+                                                              f"(e.g. {missing[0]}); stale, readers ignore it")]
+    have = {e.name for f in files for e in check_file(f).entries}
+    if set(weight_map) != have:
+        return [finding("EXL2-C007", file=str(index), message="lists other tensors than the shards hold; readers ignore it")]
+    return []
+
+
+def _decode_stats(qm: QMatrix, stats: LayerStats, findings: list[Finding], file: str, key: str) -> None:
+    b = dequantize(qm)[:, : qm.out_features].to(torch.float32)
+    finite = torch.isfinite(b)
+    stats.nonfinite = int((~finite).sum())
+    if stats.nonfinite:
+        findings.append(finding("EXL2-D001", file=file, tensor=f"{key}.q_weight",
+                                message=f"{stats.nonfinite} decoded weights are NaN or Inf"))
+    vals = b[finite]
+    if vals.numel():
+        stats.min, stats.max = float(vals.min()), float(vals.max())
+        stats.mean, stats.std = float(vals.mean()), float(vals.std()) if vals.numel() > 1 else 0.0
+
+
+__all__ = ["Report", "LayerStats", "Summary", "validate_path", "ContainerError"]
