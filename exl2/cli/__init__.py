@@ -43,3 +43,7 @@ def main() -> None:
     except KeyboardInterrupt:
         print("exl2: interrupted", file=sys.stderr)
         sys.exit(130)
+    except Exception as e:  # a bug of ours: still one line, but say it is one
+        print(f"exl2: internal error (please report): {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
+              file=sys.stderr)
+        sys.exit(3)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
@@ -22,8 +23,18 @@ def backend_dequantize(name: str):
     if name == "fast":
         from .. import fast
 
+        note_fast_backend()
         return fast.dequantize
     raise ContainerError(f"unknown backend {name!r} (choose reference or fast)")
+
+
+def note_fast_backend() -> None:
+    """Tell the user, once, when the fast path will run under Triton's interpreter."""
+    from .. import fast
+
+    note = fast.backend_note()
+    if note:
+        print(f"exl2: note: {note}", file=sys.stderr)
 
 
 def plan_entries(model: Model) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
