@@ -16,6 +16,7 @@ atomics and a fast ``powf``, so near-ties can resolve differently) and GPTQ's fl
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -116,12 +117,15 @@ def _inverse_hessian_factor(h: torch.Tensor) -> torch.Tensor:
 
 
 def quantize(weight: torch.Tensor, qparams: QParams, hessian: torch.Tensor | None = None,
-             bias: torch.Tensor | None = None) -> QMatrix:
+             bias: torch.Tensor | None = None, *, encode: Callable = encode_rows,
+             pack_group: Callable = pack_codes) -> QMatrix:
     """Encode ``weight`` (``[out_features, in_features]``, any float dtype) to a QMatrix.
 
     Without ``hessian``: round-to-nearest per group, rows in their original order. With
     ``hessian`` (``[in_features, in_features]``, the mean of ``X^T X`` over calibration inputs):
-    act-order and GPTQ's error feedback."""
+    act-order and GPTQ's error feedback. ``encode`` (as :func:`encode_rows`) and ``pack_group``
+    (as :func:`pack_codes`) let another engine (``exl2.fast``) run the same algorithm on its own
+    kernels."""
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D, has shape {list(weight.shape)}")
     out_features, in_features = weight.shape
@@ -149,11 +153,11 @@ def quantize(weight: torch.Tensor, qparams: QParams, hessian: torch.Tensor | Non
         scale_codes.append(found.codes)
         scale_maxes.append(found.scale_max)
         if u is None:
-            codes[a:b], _ = encode_rows(w[a:b], found.scale, bits)
+            codes[a:b], _ = encode(w[a:b], found.scale, bits)
             continue
         err = torch.empty_like(w[a:b])
         for r in range(a, b):
-            codes[r], value = encode_rows(w[r], found.scale, bits)
+            codes[r], value = encode(w[r], found.scale, bits)
             err[r - a] = (w[r] - value) / u[r, r]
             # Feed the error forward to the rows of this group not yet quantized ...
             w[r + 1:b] -= u[r, r + 1:b, None] * err[r - a][None, :]
@@ -161,11 +165,12 @@ def quantize(weight: torch.Tensor, qparams: QParams, hessian: torch.Tensor | Non
         w[b:] -= u[a:b, b:].T @ err
 
     return pack(codes, plan.groups, torch.stack(scale_codes), torch.stack(scale_maxes),
-                torch.argsort(perm).to(torch.int32), out_features, bias)
+                torch.argsort(perm).to(torch.int32), out_features, bias, pack_group=pack_group)
 
 
 def pack(codes: torch.Tensor, groups, scale_codes: torch.Tensor, scale_max: torch.Tensor,
-         q_invperm: torch.Tensor, out_features: int, bias: torch.Tensor | None = None) -> QMatrix:
+         q_invperm: torch.Tensor, out_features: int, bias: torch.Tensor | None = None, *,
+         pack_group: Callable = pack_codes) -> QMatrix:
     """Assemble a QMatrix from codes ``[K, N]`` (act-order rows), the group plan
     ``(bits, first_row, rows)``, scale codes ``qs`` ``[G, N]`` (1..16) and float16 maxima ``[G]``.
 
@@ -177,7 +182,7 @@ def pack(codes: torch.Tensor, groups, scale_codes: torch.Tensor, scale_max: torc
     for bits, a, n in groups:
         block = torch.full((n, cols), zero_point(bits), dtype=torch.int64, device=codes.device)
         block[:, :out_features] = codes[a:a + n]
-        packed = pack_codes(block, bits)
+        packed = pack_group(block, bits)
         words.append(packed)
         offsets += [bits, qrow]
         qrow += packed.shape[0]
@@ -185,9 +190,9 @@ def pack(codes: torch.Tensor, groups, scale_codes: torch.Tensor, scale_max: torc
     return QMatrix(
         q_weight=torch.cat(words),
         q_scale=pack_scales(nibbles),
-        q_scale_max=scale_max.to(torch.float16).reshape(-1),
-        q_groups=torch.tensor(offsets, dtype=torch.int16),
-        q_invperm=q_invperm.to(torch.int32),
+        q_scale_max=scale_max.to(device=codes.device, dtype=torch.float16).reshape(-1),
+        q_groups=torch.tensor(offsets, dtype=torch.int16, device=codes.device),
+        q_invperm=q_invperm.to(device=codes.device, dtype=torch.int32),
         bias=None if bias is None else bias.detach().to(torch.float16),
         out_features=out_features,
     )

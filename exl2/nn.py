@@ -1,0 +1,58 @@
+"""``Exl2Linear``: a ``torch.nn.Module`` computing a linear layer from its EXL2 tensors."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .qmatrix import LAYER_TENSORS, QMatrix
+from .qparams import QParams
+
+
+class Exl2Linear(nn.Module):
+    """A linear layer stored as EXL2. Its buffers carry the EXL2 tensor names (``q_weight``,
+    ``q_scale``, ``q_scale_max``, ``q_groups``, ``q_invperm``, ``bias``), so ``state_dict()``
+    round-trips with EXL2 files. Forward runs ``exl2.fast.matmul`` on a GPU and the reference on
+    the CPU."""
+
+    def __init__(self, qm: QMatrix) -> None:
+        super().__init__()
+        self.in_features = qm.in_features
+        self.out_features = qm.out_features
+        for name in LAYER_TENSORS:
+            self.register_buffer(name, getattr(qm, name))
+        self.register_buffer("bias", qm.bias)
+
+    @property
+    def qmatrix(self) -> QMatrix:
+        """The layer's tensors as a QMatrix (rebuilt when the buffers were replaced, e.g. by
+        ``load_state_dict`` or ``.to``)."""
+        key = tuple(getattr(self, n).data_ptr() for n in LAYER_TENSORS) + (self.q_weight.device,)
+        cached = getattr(self, "_qm_cache", None)
+        if cached is None or cached[0] != key:
+            qm = QMatrix(*(getattr(self, n) for n in LAYER_TENSORS), bias=self.bias, out_features=self.out_features)
+            cached = (key, qm)
+            self._qm_cache = cached
+        return cached[1]
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, qparams: QParams, hessian: torch.Tensor | None = None) -> "Exl2Linear":
+        """Quantize an ``nn.Linear`` (GPTQ when a Hessian is given): the fast path on a GPU,
+        the reference on the CPU."""
+        w = linear.weight.detach()
+        if w.is_cuda:
+            from .fast import quantize
+        else:
+            from .reference import quantize
+        return cls(quantize(w, qparams, hessian, bias=linear.bias))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        qm = self.qmatrix
+        if x.is_cuda:
+            from .fast import matmul
+        else:
+            from .reference import matmul
+        return matmul(x, qm)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
