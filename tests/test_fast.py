@@ -17,6 +17,12 @@ from exl2.format import BLOCKS, WIDTHS
 from exl2.reference.bounds import GPTQ_MAX_ERROR_RATIO, GPTQ_MIN_CODE_AGREEMENT, hessian_weighted_error, matmul_within_bound
 
 SMALL = dict(max_groups=3, max_group_rows=64, max_out_features=70)
+#: The fast path runs compiled on a GPU when there is one (benchmarks/gpu.sh), interpreted on the CPU otherwise.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def dev(t):
+    return t.to(DEVICE)
 
 
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -26,14 +32,14 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
 @settings(max_examples=15)
 @given(qm=qmatrices(**SMALL))
 def test_dequantize_is_bit_exact(qm):
-    assert same_bits(fast.dequantize(qm), reference.dequantize(qm))
+    assert same_bits(fast.dequantize(dev(qm)).cpu(), reference.dequantize(qm))
 
 
 @settings(max_examples=10)
 @given(qm=qmatrices(**SMALL), data=st.data(), dtype=st.sampled_from([torch.float16, torch.float32]))
 def test_matmul_within_bound(qm, data, dtype):
     x = data.draw(matmul_inputs(qm, max_m=64, dtype=dtype))
-    y = fast.matmul(x, qm)
+    y = fast.matmul(dev(x), dev(qm)).cpu()
     b = reference.dequantize(qm)
     y_ref = x.double() @ b[:, : qm.out_features].double()
     if qm.bias is not None:
@@ -46,7 +52,7 @@ def test_matmul_within_bound(qm, data, dtype):
 def test_matmul_paths_and_batch_shape(m):
     qm = reference.quantize(torch.randn(40, 64), QParams(32, [5, 3], [0.5, 0.5]), bias=torch.randn(40))
     x = torch.randn(2, m, 64).half()
-    y = fast.matmul(x, qm)
+    y = fast.matmul(dev(x), dev(qm)).cpu()
     assert y.shape == (2, m, 40)
     assert matmul_within_bound(y.reshape(-1, 40), reference.matmul(x.reshape(-1, 64).float(), qm).double(),
                                x.reshape(-1, 64), reference.dequantize(qm), qm.bias)
@@ -56,7 +62,7 @@ def test_matmul_paths_and_batch_shape(m):
 @given(bits=st.sampled_from(WIDTHS), blocks=st.integers(1, 3), cols=st.integers(1, 70), seed=st.integers(0, 2**31))
 def test_packing_is_bit_exact(bits, blocks, cols, seed):
     codes = torch.randint(0, 1 << bits, (blocks * BLOCKS[bits].rows, cols), generator=torch.Generator().manual_seed(seed))
-    assert torch.equal(fast.pack_codes(codes, bits), reference.pack_codes(codes, bits))
+    assert torch.equal(fast.pack_codes(dev(codes), bits).cpu(), reference.pack_codes(codes, bits))
 
 
 @settings(max_examples=12)
@@ -67,7 +73,7 @@ def test_codes_given_scales_are_bit_exact(bits, seed):
     scale = reference.decoded_scales(torch.randint(1, 17, (37,), generator=g), torch.tensor(0.05).half())
     # include exact ties: values at half-integers of the scale
     w[0] = (torch.arange(37) - 18.5) * scale
-    c1, v1 = fast.encode_rows(w, scale, bits)
+    c1, v1 = (t.cpu() for t in fast.encode_rows(dev(w), dev(scale), bits))
     c2, v2 = reference.encode_rows(w, scale, bits)
     assert torch.equal(c1, c2) and torch.equal(v1, v2)
 
@@ -75,7 +81,7 @@ def test_codes_given_scales_are_bit_exact(bits, seed):
 @pytest.mark.parametrize("qp", [QParams(32, [4], [1.0]), QParams({6: 32, 3: 32, 2: 16}, [6, 3, 2], [0.2, 0.4, 0.4])])
 def test_round_to_nearest_quantize_matches(qp):
     w = torch.randn(45, 96, generator=torch.Generator().manual_seed(3))
-    a, b = fast.quantize(w, qp, bias=torch.ones(45)), reference.quantize(w, qp, bias=torch.ones(45))
+    a, b = fast.quantize(dev(w), qp, bias=torch.ones(45)).to("cpu"), reference.quantize(w, qp, bias=torch.ones(45))
     for name in ("q_weight", "q_scale", "q_scale_max", "q_groups", "q_invperm", "bias"):
         assert torch.equal(getattr(a, name), getattr(b, name)), name
 
@@ -86,7 +92,7 @@ def test_gptq_within_bound():
     h = x.T @ x / 256
     w = torch.randn(40, 64, generator=g)
     qp = QParams(32, [4, 3], [0.5, 0.5])
-    a, b = fast.quantize(w, qp, h), reference.quantize(w, qp, h)
+    a, b = fast.quantize(dev(w), qp, dev(h)).to("cpu"), reference.quantize(w, qp, h)
     assert torch.equal(a.q_invperm, b.q_invperm) and torch.equal(a.q_groups, b.q_groups)
     agree = (reference.dequantize(a) == reference.dequantize(b)).double().mean()  # equal values: equal codes
     assert agree >= GPTQ_MIN_CODE_AGREEMENT
@@ -99,9 +105,10 @@ def test_malformed_input_is_refused_before_launch():
     qm = reference.quantize(torch.randn(40, 64), QParams(32, [4], [1.0]), bias=torch.randn(40))
     qm.q_weight[:, 40:] = 0  # padded codes that decode to non-zero: EXL2-S003
     with pytest.raises(FormatError, match="EXL2-S003"):
-        fast.dequantize(qm)
+        fast.dequantize(dev(qm))
 
 
+@pytest.mark.skipif(DEVICE == "cuda", reason="the CLI decodes on the CPU")
 def test_cli_fast_backend_matches_reference(tmp_path):
     from exl2.io import save_tensors
 
@@ -119,6 +126,7 @@ def test_cli_fast_backend_matches_reference(tmp_path):
     assert outs[0] == outs[1]
 
 
+@pytest.mark.skipif(DEVICE == "cuda", reason="the harness passes CPU layers")
 def test_conformance_run_fast_backend():
     r = subprocess.run([sys.executable, "-m", "exl2.cli", "conformance", "run", "--backend", "fast", "--examples", "3"],
                        capture_output=True, text=True)

@@ -32,24 +32,34 @@ def column_scales(qm: QMatrix) -> torch.Tensor:
     return (squares * group_max_scales(qm).to(torch.float32)[:, None]).to(torch.float16)
 
 
-def dequantize_stored(qm: QMatrix) -> torch.Tensor:
-    """float16 ``[in_features, N]`` in stored (act-order) row order (spec 6.3)."""
-    scales = column_scales(qm)
-    out = torch.empty((qm.in_features, qm.out_features_padded), dtype=torch.float16, device=qm.q_weight.device)
+def _groups(qm: QMatrix):
+    """Per group: its row range and its float16 values ``[rows, N]`` (spec 6.3)."""
+    scales = column_scales(qm).to(torch.float32)
     for g in qm.groups:
         codes = unpack_codes(qm.q_weight[g.qrow:g.qrow + g.qrows], g.bits)[:g.rows]
         # q - 2^(b-1) is a small integer, exact in float16; times the float16 scale, rounded once.
         centered = (codes - zero_point(g.bits)).to(torch.float32)
-        out[g.row:g.row + g.rows] = (centered * scales[g.index].to(torch.float32)).to(torch.float16)
+        yield g, (centered * scales[g.index]).to(torch.float16)
+
+
+def dequantize_stored(qm: QMatrix) -> torch.Tensor:
+    """float16 ``[in_features, N]`` in stored (act-order) row order (spec 6.3)."""
+    out = torch.empty((qm.in_features, qm.out_features_padded), dtype=torch.float16, device=qm.q_weight.device)
+    for g, values in _groups(qm):
+        out[g.row:g.row + g.rows] = values
     return out
 
 
 def dequantize(qm: QMatrix) -> torch.Tensor:
     """float16 ``B`` ``[in_features, out_features_padded]``, rows in input-feature order (spec 6.4).
 
-    Stored row ``k`` is input feature ``q_perm[k]``; equivalently ``B[j] = stored[q_invperm[j]]``.
-    Bit-identical to exllamav2's ``QMatrix::reconstruct``."""
-    return dequantize_stored(qm)[qm.q_invperm.to(torch.int64)]
+    Stored row ``k`` is input feature ``q_perm[k]``: ``B[q_perm[k]] = stored[k]``, equivalently
+    ``B[j] = stored[q_invperm[j]]``. Bit-identical to exllamav2's ``QMatrix::reconstruct``."""
+    out = torch.empty((qm.in_features, qm.out_features_padded), dtype=torch.float16, device=qm.q_weight.device)
+    q_perm = qm.q_perm.to(device=out.device, dtype=torch.int64)
+    for g, values in _groups(qm):
+        out.index_copy_(0, q_perm[g.row:g.row + g.rows], values)
+    return out
 
 
 def matmul(x: torch.Tensor, qm: QMatrix) -> torch.Tensor:

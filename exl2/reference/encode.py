@@ -193,6 +193,6 @@ def pack(codes: torch.Tensor, groups, scale_codes: torch.Tensor, scale_max: torc
         q_scale_max=scale_max.to(device=codes.device, dtype=torch.float16).reshape(-1),
         q_groups=torch.tensor(offsets, dtype=torch.int16, device=codes.device),
         q_invperm=q_invperm.to(device=codes.device, dtype=torch.int32),
-        bias=None if bias is None else bias.detach().to(torch.float16),
+        bias=None if bias is None else bias.detach().to(device=codes.device, dtype=torch.float16),
         out_features=out_features,
     )

@@ -51,14 +51,22 @@ def pack_bits(codes: torch.Tensor, bits: int, rows: int, words: int) -> torch.Te
 
 
 def unpack_bits(packed: torch.Tensor, bits: int, rows: int, words: int) -> torch.Tensor:
-    """Inverse of :func:`pack_bits`: int32 words ``[n * words, C]`` to int64 codes ``[n * rows, C]``."""
+    """Inverse of :func:`pack_bits`: int32 words ``[n * words, C]`` to int64 codes ``[n * rows, C]``.
+
+    Code ``i`` of a block starts at bit ``o = i * bits``: in word ``o // 32`` at shift ``o % 32``,
+    and when ``o % 32 + bits > 32`` it continues in the next word (a straddling code)."""
     n = packed.shape[0] // words
     if n * words != packed.shape[0]:
         raise ValueError(f"{packed.shape[0]} words is not a whole number of {words}-word blocks")
-    p = (packed.to(torch.int64) & 0xFFFFFFFF).reshape(n, words, 1, -1)
-    shift = -_offsets(rows, words, bits, packed.device).reshape(1, words, rows, 1)
-    parts = _shift(p, shift) & ((1 << bits) - 1)
-    return parts.sum(dim=1).reshape(n * rows, -1)
+    p = (packed.to(torch.int64) & 0xFFFFFFFF).reshape(n, words, -1)
+    offset = torch.arange(rows, device=packed.device) * bits
+    word, shift = offset // 32, (offset % 32)[None, :, None]
+    codes = p[:, word] >> shift  # [n, rows, C]
+    straddles = (offset % 32 + bits > 32).nonzero().flatten()
+    if straddles.numel():  # only 3-, 5- and 6-bit blocks have codes that cross a word boundary
+        s = straddles
+        codes[:, s] |= p[:, word[s] + 1] << (32 - shift[:, s])
+    return (codes & ((1 << bits) - 1)).reshape(n * rows, -1)
 
 
 def _to_int32(x: torch.Tensor) -> torch.Tensor:
