@@ -1,0 +1,1 @@
+"""Whole-model quantization: calibration, measurement, bit allocation, planning (``exl2 fit``)."""
