@@ -1,0 +1,158 @@
+"""``exl2 fit``: the largest bits per weight at which a model fits a GPU.
+
+Memory = quantized linears + head + unquantized tensors + KV cache + overhead, each counted from
+the format (spec 7.5) rather than a rule of thumb:
+
+- **Quantized linears** (q, k, v, o, gate, up, down of every layer): ``numel x bpw / 8`` bytes.
+  ``bpw`` is the converter's target, which counts *stored* bits (codes, scales, group table,
+  permutation) per weight, so this is exact for a file that meets its target; padding of
+  out_features to 32 is added.
+- **Head** (``lm_head``) at ``head_bits``: the exact stored bits of ``QParams(32, [head_bits], [1])``
+  (``QParams.total_bits``), unless the embeddings are tied and there is no separate head.
+- **Unquantized** tensors in float16: embeddings, and the norms (2 per layer and a final one).
+- **KV cache**: ``2 x layers x kv_heads x head_dim x context x bits / 8`` (batch 1); 8- and 4-bit
+  caches add one float16 scale per 32 values, as exllamav2's quantized caches store them
+  (``exllamav2/cache.py``, ``shape_s``).
+- **Overhead**: a fixed 0.4 GiB (CUDA context, allocator slack) plus scratch for one forward
+  chunk of ``min(context, 2048)`` tokens: float32 logits and float16 hidden/MLP activations,
+  ``chunk x (4 x vocab + 2 x (2 x hidden + 2 x intermediate))`` bytes.
+
+VRAM sizes: ``24GB``, ``24GiB`` and ``24G`` all mean 24 x 2^30 bytes (cards sold as "24 GB" have
+24 GiB); ``MB``/``MiB`` mean 2^20.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from ..errors import ContainerError, FormatError
+from ..format import padded_columns
+from ..qparams import QParams
+
+GIB = 1 << 30
+OVERHEAD_FIXED = int(0.4 * GIB)
+CHUNK = 2048
+
+#: Public facts about well-known llama-family models (config.json values).
+PRESETS: dict[str, dict] = {
+    "llama-2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=32, vocab_size=32000),
+    "llama-2-13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
+                        num_key_value_heads=40, vocab_size=32000),
+    "llama-2-70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                        num_key_value_heads=8, vocab_size=32000),
+    "llama-3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=8, vocab_size=128256),
+    "llama-3-70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                        num_key_value_heads=8, vocab_size=128256),
+}
+
+
+@dataclass(frozen=True)
+class Llama:
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    vocab_size: int
+    head_dim: int
+    tie_word_embeddings: bool = False
+
+    @classmethod
+    def from_config(cls, cfg: dict, source: str) -> "Llama":
+        need = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+        missing = [k for k in need if not isinstance(cfg.get(k), int) or cfg[k] <= 0]
+        if missing:
+            raise FormatError(f"is not a llama-family config (missing {', '.join(missing)})", file=source)
+        heads = cfg["num_attention_heads"]
+        return cls(hidden_size=cfg["hidden_size"], intermediate_size=cfg["intermediate_size"],
+                   num_hidden_layers=cfg["num_hidden_layers"], num_attention_heads=heads,
+                   num_key_value_heads=cfg.get("num_key_value_heads") or heads, vocab_size=cfg["vocab_size"],
+                   head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+                   tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)))
+
+    def linears(self) -> list[tuple[int, int]]:
+        """(in_features, out_features) of the quantized linears of one layer."""
+        h, i = self.hidden_size, self.intermediate_size
+        q, kv = self.num_attention_heads * self.head_dim, self.num_key_value_heads * self.head_dim
+        return [(h, q), (h, kv), (h, kv), (q, h), (h, i), (h, i), (i, h)]
+
+
+@dataclass(frozen=True)
+class Budget:
+    bpw: float
+    weights: int
+    head: int
+    unquantized: int
+    cache: int
+    overhead: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.head + self.unquantized + self.cache + self.overhead
+
+
+def load(model: str) -> Llama:
+    """A preset name, a config.json, or a model folder holding one."""
+    if model in PRESETS:
+        return Llama.from_config(PRESETS[model], model)
+    p = Path(model)
+    cfg_path = p / "config.json" if p.is_dir() else p
+    if not cfg_path.is_file():
+        raise ContainerError(f"is not a config.json, a model folder or a preset ({', '.join(PRESETS)})", file=model)
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        raise ContainerError("is not valid JSON", file=str(cfg_path)) from None
+    if not isinstance(cfg, dict):
+        raise ContainerError("is not a JSON object", file=str(cfg_path))
+    return Llama.from_config(cfg, str(cfg_path))
+
+
+def parse_size(text: str) -> int:
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(i?B)?\s*", text, flags=re.I)
+    if not m:
+        raise ContainerError(f"cannot read {text!r} as a size (e.g. 24GB, 8GiB, 24000MB)")
+    return int(float(m.group(1)) * 1024 ** "BKMGT".index((m.group(2) or "B").upper()))
+
+
+def quantized_numel(m: Llama) -> int:
+    return m.num_hidden_layers * sum(k * padded_columns(n) for k, n in m.linears())
+
+
+def budget(m: Llama, bpw: float, *, head_bits: int = 6, context: int = 2048, cache_bits: int = 16) -> Budget:
+    weights = math.ceil(quantized_numel(m) * bpw / 8 - 1e-6)  # whole bytes; the epsilon absorbs float error
+    head = 0 if m.tie_word_embeddings else QParams(32, [head_bits], [1.0]).total_bits(m.hidden_size, m.vocab_size) // 8
+    norms = (2 * m.num_hidden_layers + 1) * m.hidden_size
+    unquantized = 2 * (m.vocab_size * m.hidden_size + norms)
+    values = 2 * m.num_hidden_layers * m.num_key_value_heads * m.head_dim * context
+    cache = values * cache_bits // 8 + (values // 32 * 2 if cache_bits < 16 else 0)
+    chunk = min(context, CHUNK)
+    scratch = chunk * (4 * m.vocab_size + 2 * (2 * m.hidden_size + 2 * m.intermediate_size))
+    return Budget(bpw, weights, head, unquantized, cache, OVERHEAD_FIXED + scratch)
+
+
+def largest_bpw(m: Llama, vram: int, *, lo: float = 2.0, hi: float = 8.0, **kw) -> float | None:
+    """The largest bpw (two decimals) in [lo, hi] whose budget fits ``vram``; None if lo does not."""
+    best = None
+    for hundredths in range(int(round(lo * 100)), int(round(hi * 100)) + 1):
+        if budget(m, hundredths / 100, **kw).total <= vram:
+            best = hundredths / 100
+        else:
+            break
+    return best
+
+
+def table(m: Llama, vram: int, answer: float | None, **kw) -> list[dict]:
+    center = answer if answer is not None else 2.0
+    points = sorted({round(min(8.0, max(2.0, center + d)), 2) for d in (-0.5, -0.25, 0.0, 0.25, 0.5)})
+    rows = []
+    for b in points:
+        r = budget(m, b, **kw)
+        rows.append(asdict(r) | {"total": r.total, "fits": r.total <= vram})
+    return rows
