@@ -1,3 +1,46 @@
-"""``exl2 quantize``: to be filled in by its owner. Registers its verbs on ``exl2.cli.app``."""
+"""``exl2 quantize SRC -o OUT -b BPW``: a Hugging Face checkpoint to an EXL2 model."""
 
 from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import typer
+
+from ..errors import Exl2Error
+from . import app
+from .common import console, progress
+
+
+@app.command("quantize")
+def quantize_cmd(
+    src: str = typer.Argument(..., help="Hugging Face model folder (safetensors), or example:minilm"),
+    out: Path = typer.Option(..., "-o", "--output", help="output folder (must not exist)"),
+    bpw: float = typer.Option(..., "-b", "--bits", help="target average bits per weight (stored bits, 2.0-8.0)"),
+    head_bits: int = typer.Option(6, "--head-bits", help="bits of the output head (causal LMs)"),
+    calibration: Path = typer.Option(None, "--calibration", help="calibration text file (default: shipped corpus)"),
+    measurement: Path = typer.Option(None, "--measurement", help="reuse a measurement.json (skips measuring)"),
+    device: str = typer.Option("auto", "--device", help="auto (cuda when there is a GPU), cpu or cuda"),
+    rows: int = typer.Option(16, "--rows", help="calibration rows", min=1),
+    length: int = typer.Option(128, "--length", help="tokens per calibration row", min=8),
+) -> None:
+    """Measure every layer's options, allocate bits within numel x BPW exactly, quantize with GPTQ,
+    and write an EXL2 model folder. Interrupted runs continue from OUT.partial."""
+    from ..model.pipeline import Settings, quantize_model
+    from . import fail
+
+    if calibration is not None and not calibration.is_file():
+        print(f"exl2: error: {calibration}: calibration file not found", file=sys.stderr)
+        raise typer.Exit(2)
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    settings = Settings(src=src, out=out, bpw=bpw, head_bits=head_bits, calibration=calibration, rows=rows,
+                        length=length, measurement=measurement, device=device)
+    try:
+        summary = quantize_model(settings, progress=progress, log=lambda m: console.print(m, style="dim"))
+    except Exl2Error as e:
+        raise fail(e) from None
+    console.print(f"wrote {summary['out']}: {summary['layers']} layers at {summary['bpw']:.4f} bpw "
+                  f"(target {summary['target_bpw']}), {summary['bytes']:,} bytes of weights")

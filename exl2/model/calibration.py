@@ -1,0 +1,102 @@
+"""Calibration: token batches, the inputs of each block, and the Hessian of each linear.
+
+Inputs are collected block by block: the model runs once up to the first block (a pre-hook
+captures that block's arguments and stops the forward pass), then each block is run on the
+captured inputs and its outputs become the next block's inputs. Memory stays about one block
+plus its activations.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+def default_text() -> str:
+    return resources.files("exl2.data").joinpath("calibration.txt").read_text(encoding="utf-8")
+
+
+def batches(tokenizer, text: str, rows: int, length: int, device: str = "cpu") -> list[dict[str, torch.Tensor]]:
+    """``rows`` sequences of ``length`` tokens cut from ``text`` (repeated as needed), one per batch."""
+    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
+    if len(ids) < 8:
+        raise ValueError("the calibration text is too short")
+    need = rows * length
+    ids = (ids * (need // len(ids) + 1))[:need]
+    t = torch.tensor(ids, dtype=torch.long, device=device).view(rows, length)
+    return [{"input_ids": t[i:i + 1], "attention_mask": torch.ones_like(t[i:i + 1])} for i in range(rows)]
+
+
+class _Stop(Exception):
+    pass
+
+
+@dataclass
+class BlockInputs:
+    """The positional and keyword arguments of a block, one entry per calibration batch."""
+
+    args: list[tuple]
+    kwargs: list[dict]
+
+
+def first_block_inputs(model: nn.Module, block: nn.Module, data: list[dict], **model_kwargs) -> BlockInputs:
+    captured = BlockInputs([], [])
+
+    def hook(_module, args, kwargs):
+        captured.args.append(args)
+        captured.kwargs.append(kwargs)
+        raise _Stop
+
+    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.inference_mode():
+            for batch in data:
+                try:
+                    model(**batch, **model_kwargs)
+                except _Stop:
+                    pass
+    finally:
+        handle.remove()
+    return captured
+
+
+def _hidden(out) -> torch.Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def run_block(block: nn.Module, inputs: BlockInputs) -> BlockInputs:
+    """The block's outputs as the next block's inputs."""
+    out = BlockInputs([], inputs.kwargs)
+    with torch.inference_mode():
+        for args, kwargs in zip(inputs.args, inputs.kwargs):
+            out.args.append((_hidden(block(*args, **kwargs)),) + tuple(args[1:]))
+    return out
+
+
+def hessians(block: nn.Module, layers: dict[str, nn.Linear], inputs: BlockInputs) -> dict[str, torch.Tensor]:
+    """Mean of ``X^T X`` over every calibration row reaching each linear (``AdaptiveGPTQ.add_batch``)."""
+    sums = {k: torch.zeros(m.in_features, m.in_features, device=m.weight.device) for k, m in layers.items()}
+    counts = dict.fromkeys(layers, 0)
+
+    def make(key):
+        def hook(_m, args, _out):
+            x = args[0].reshape(-1, args[0].shape[-1]).to(torch.float32)
+            sums[key].addmm_(x.T, x)
+            counts[key] += x.shape[0]
+        return hook
+
+    handles = [m.register_forward_hook(make(k)) for k, m in layers.items()]
+    try:
+        run_block(block, inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return {k: sums[k] / max(1, counts[k]) for k in layers}
+
+
+def read_text(path: Path | None) -> str:
+    return default_text() if path is None else Path(path).read_text(encoding="utf-8")
