@@ -23,6 +23,7 @@ def quantize_cmd(
     device: str = typer.Option("auto", "--device", help="auto (cuda when there is a GPU), cpu or cuda"),
     rows: int = typer.Option(16, "--rows", help="calibration rows", min=1),
     length: int = typer.Option(128, "--length", help="tokens per calibration row", min=8),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace OUT if it exists (only once the new one is complete)"),
 ) -> None:
     """Measure every layer's options, allocate bits within numel x BPW exactly, quantize with GPTQ,
     and write an EXL2 model folder. Interrupted runs continue from OUT.partial."""
@@ -37,7 +38,7 @@ def quantize_cmd(
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
     settings = Settings(src=src, out=out, bpw=bpw, head_bits=head_bits, calibration=calibration, rows=rows,
-                        length=length, measurement=measurement, device=device)
+                        length=length, measurement=measurement, device=device, overwrite=overwrite)
     try:
         summary = quantize_model(settings, progress=progress, log=lambda m: console.print(m, style="dim"))
     except Exl2Error as e:

@@ -13,9 +13,15 @@ import triton.language as tl
 
 
 @triton.jit
-def _decode_tile(qw_ptr, stride_qw, qs_ptr, stride_qs, smax_ptr, qrow, shift, bits, group, rn, mask):
-    """float16 values of the stored rows described by (qrow, shift, bits, group) [BLOCK_K] and
-    columns ``rn`` [BLOCK_N] (spec 5.1, 6.1-6.3). Masked elements decode to 0."""
+def _decode_tile(qw_ptr, stride_qw, qs_ptr, stride_qs, smax_ptr, qrow_ptr, shift_ptr, bits_ptr, group_ptr,
+                 rk, mk, rn, mask):
+    """float16 values of stored rows ``rk`` [BLOCK_K] (valid where ``mk``) and columns ``rn``
+    [BLOCK_N] (spec 5.1, 6.1-6.3), from the row table (first q_weight row, shift, width, group of
+    each stored row). Masked elements decode to 0."""
+    qrow = tl.load(qrow_ptr + rk, mask=mk, other=0)
+    shift = tl.load(shift_ptr + rk, mask=mk, other=0)
+    bits = tl.load(bits_ptr + rk, mask=mk, other=2)
+    group = tl.load(group_ptr + rk, mask=mk, other=0)
     qrow2 = qrow[:, None]
     shift2 = shift[:, None].to(tl.int64)
     bits2 = bits[:, None].to(tl.int64)
@@ -49,12 +55,9 @@ def dequantize_kernel(qw_ptr, stride_qw, qs_ptr, stride_qs, smax_ptr,
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mk = rk < K
     mask = mk[:, None] & (rn[None, :] < N)
-    qrow = tl.load(qrow_ptr + rk, mask=mk, other=0)
-    shift = tl.load(shift_ptr + rk, mask=mk, other=0)
-    bits = tl.load(bits_ptr + rk, mask=mk, other=2)
-    group = tl.load(group_ptr + rk, mask=mk, other=0)
     dest = tl.load(dest_ptr + rk, mask=mk, other=0)
-    v = _decode_tile(qw_ptr, stride_qw, qs_ptr, stride_qs, smax_ptr, qrow, shift, bits, group, rn, mask)
+    v = _decode_tile(qw_ptr, stride_qw, qs_ptr, stride_qs, smax_ptr, qrow_ptr, shift_ptr, bits_ptr, group_ptr,
+                     rk, mk, rn, mask)
     tl.store(out_ptr + dest[:, None] * stride_out + rn[None, :], v, mask=mask)
 
 
@@ -76,11 +79,8 @@ def matmul_kernel(x_ptr, stride_xm, qw_ptr, stride_qw, qs_ptr, stride_qs, smax_p
         rk = k0 + tl.arange(0, BLOCK_K)
         mk = rk < K
         mask = mk[:, None] & (rn[None, :] < N)
-        qrow = tl.load(qrow_ptr + rk, mask=mk, other=0)
-        shift = tl.load(shift_ptr + rk, mask=mk, other=0)
-        bits = tl.load(bits_ptr + rk, mask=mk, other=2)
-        group = tl.load(group_ptr + rk, mask=mk, other=0)
-        w = _decode_tile(qw_ptr, stride_qw, qs_ptr, stride_qs, smax_ptr, qrow, shift, bits, group, rn, mask)
+        w = _decode_tile(qw_ptr, stride_qw, qs_ptr, stride_qs, smax_ptr, qrow_ptr, shift_ptr, bits_ptr, group_ptr,
+                         rk, mk, rn, mask)
         x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=(rm[:, None] < M) & mk[None, :], other=0.0)
         if X_IS_F16:
             acc += tl.dot(x.to(tl.float16), w, out_dtype=tl.float32)

@@ -56,6 +56,7 @@ class Settings:
     measurement: Path | None = None
     device: str = "cpu"
     shard_bytes: int = SHARD_BYTES
+    overwrite: bool = False
     options: tuple[QParams, ...] = field(default=OPTIONS)
 
 
@@ -88,8 +89,8 @@ def _encoder(device: str) -> Callable:
 def quantize_model(s: Settings, progress=None, log: Callable[[str], None] = lambda m: None) -> dict:
     progress = progress or (lambda items, total, desc: items)
     s.out = Path(s.out)
-    if s.out.exists():
-        raise ContainerError("already exists; choose another output folder or remove it", file=str(s.out))
+    if s.out.exists() and not (s.overwrite and s.out.is_dir()):
+        raise ContainerError("already exists; choose another output folder or pass --overwrite", file=str(s.out))
     if not 2.0 <= s.bpw <= 8.5:
         raise Exl2Error(f"target {s.bpw} bpw is outside 2.0..8.5")
     text = calibration.read_text(s.calibration) if s.calibration else calibration.default_text()
@@ -278,6 +279,8 @@ def _write_output(s, src, layers, job, measurement, text) -> dict:
         for f in sorted(src.path.iterdir()):
             if f.is_file() and f.name != "config.json" and not f.name.endswith(SKIP_COPY):
                 shutil.copy2(f, tmp / f.name)
+        if s.out.exists():  # --overwrite: the old folder goes only once the new one is complete
+            shutil.rmtree(s.out)
     q_bits = sum(QMatrix.from_tensors(tensors, layer.key, out_features=layer.shape[1]).storage_bits() for layer in layers)
     numel = sum(layer.shape[0] * layer.shape[1] for layer in layers)
     return {"out": str(s.out), "bpw": q_bits / numel, "target_bpw": s.bpw,
