@@ -103,7 +103,6 @@ def main() -> None:
         lines.append(f"| {r['target']} | {r['bpw']:.3f} | {r['bytes']:,} | {r['cosine_mean']:.4f} | {r['cosine_min']:.4f} | "
                      f"{err:.4f} | {r['seconds']:.0f} |")
     lines.append(f"| RTN 4-bit g128 | {rtn['bpw']:.3f} | | {rtn['cosine_mean']:.4f} | {rtn['cosine_min']:.4f} | | |")
-    (DOCS / "quantizing-table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     shutil.rmtree(work, ignore_errors=True)
 
