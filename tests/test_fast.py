@@ -48,7 +48,7 @@ def test_matmul_within_bound(qm, data, dtype):
     assert matmul_within_bound(y, y_ref, x, b, qm.bias)
 
 
-@pytest.mark.parametrize("m", [1, 33])  # both sides of the crossover
+@pytest.mark.parametrize("m", [1, 3, 5, 33])  # GEMV, fused kernel, dequantize + torch.matmul
 def test_matmul_paths_and_batch_shape(m):
     qm = reference.quantize(torch.randn(40, 64), QParams(32, [5, 3], [0.5, 0.5]), bias=torch.randn(40))
     x = torch.randn(2, m, 64).half()

@@ -24,7 +24,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from .ops import MATMUL_CROSSOVER_M, dequantize, encode_rows, interpreted, matmul, pack_codes, quantize  # noqa: E402
+from .ops import GEMV_MAX_M, MATMUL_CROSSOVER_M, dequantize, encode_rows, interpreted, matmul, pack_codes, quantize  # noqa: E402
 
 
 def backend_note() -> str | None:
@@ -35,5 +35,5 @@ def backend_note() -> str | None:
     return None
 
 
-__all__ = ["MATMUL_CROSSOVER_M", "backend_note", "dequantize", "encode_rows", "interpreted", "matmul", "pack_codes",
+__all__ = ["GEMV_MAX_M", "MATMUL_CROSSOVER_M", "backend_note", "dequantize", "encode_rows", "interpreted", "matmul", "pack_codes",
            "quantize"]

@@ -144,3 +144,29 @@ def pack_kernel(code_ptr, row0_ptr, word_ptr, out_ptr, W, N, bits, block_rows,
         acc += tl.where(m, part, 0)
     signed = tl.where(acc >= 2147483648, acc - 4294967296, acc)
     tl.store(out_ptr + rw[:, None] * N + rn[None, :], signed.to(tl.int32), mask=mw[:, None] & (rn[None, :] < N))
+
+
+@triton.jit
+def gemv_kernel(x_ptr, stride_xm, qw_ptr, stride_qw, qs_ptr, stride_qs, smax_ptr,
+                qrow_ptr, shift_ptr, bits_ptr, group_ptr, y_ptr, M, N, K,
+                K_PER_PROGRAM: tl.constexpr, M_MAX: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Split-K product for a few rows of x (M <= M_MAX), where decoding is memory bound: one
+    program decodes stored rows ``[pid_k * K_PER_PROGRAM, +K_PER_PROGRAM)`` x ``BLOCK_N`` columns
+    once, multiplies them with every row of ``x_perm`` on CUDA cores, and adds its float32 partial
+    sums into ``y`` (float32, zero-initialised) atomically. The order of the atomic additions
+    varies, so results vary in the last bits, within the bound of spec 8.2.1."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = tl.arange(0, M_MAX)
+    acc = tl.zeros((M_MAX, BLOCK_N), dtype=tl.float32)
+    for k0 in range(pid_k * K_PER_PROGRAM, pid_k * K_PER_PROGRAM + K_PER_PROGRAM, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        mk = rk < K
+        mask = mk[:, None] & (rn[None, :] < N)
+        w = _decode_tile(qw_ptr, stride_qw, qs_ptr, stride_qs, smax_ptr, qrow_ptr, shift_ptr, bits_ptr, group_ptr,
+                         rk, mk, rn, mask).to(tl.float32)
+        x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=(rm[:, None] < M) & mk[None, :],
+                    other=0.0).to(tl.float32)
+        acc += tl.sum(x[:, :, None] * w[None, :, :], axis=1)
+    tl.atomic_add(y_ptr + rm[:, None] * N + rn[None, :], acc, mask=(rm[:, None] < M) & (rn[None, :] < N))

@@ -20,6 +20,12 @@ from .plan import row_table, word_table
 #: while x is small.
 MATMUL_CROSSOVER_M = 32
 
+#: Up to this many rows of x, ``matmul`` uses the split-K GEMV kernel (CUDA cores, atomics);
+#: above it, the fused tensor-core kernel.
+GEMV_MAX_M = 4
+#: Stored rows each GEMV program decodes.
+GEMV_K_PER_PROGRAM = 256
+
 BLOCK_K, BLOCK_N = 32, 64
 
 
@@ -61,7 +67,9 @@ def dequantize(qm: QMatrix) -> torch.Tensor:
 
 def matmul(x: torch.Tensor, qm: QMatrix) -> torch.Tensor:
     """``x @ B + bias`` for ``x`` ``[..., in_features]``; ``[..., out_features]`` in x's dtype
-    (spec 6.5, within the bound of 8.2.1)."""
+    (spec 6.5, within the bound of 8.2.1). Three paths by the rows M of x: split-K GEMV for
+    M <= :data:`GEMV_MAX_M`, the fused tensor-core kernel up to :data:`MATMUL_CROSSOVER_M`,
+    dequantize + ``torch.matmul`` above."""
     check(qm)
     if x.shape[-1] != qm.in_features:
         raise ValueError(f"x has {x.shape[-1]} features, the layer takes {qm.in_features}")
@@ -76,6 +84,16 @@ def matmul(x: torch.Tensor, qm: QMatrix) -> torch.Tensor:
         return y.to(x.dtype).reshape(*lead, n)
     t = row_table(qm)
     x_perm = x2[:, t.dest.to(torch.int64)].contiguous()  # x_perm[:, k] multiplies stored row k
+    if m <= GEMV_MAX_M:
+        y32 = torch.zeros((m, n), dtype=torch.float32, device=x.device)
+        grid = (triton.cdiv(n, BLOCK_N), triton.cdiv(qm.in_features, GEMV_K_PER_PROGRAM))
+        kernels.gemv_kernel[grid](x_perm, x_perm.stride(0), qm.q_weight, qm.q_weight.stride(0), qm.q_scale,
+                                  qm.q_scale.stride(0), qm.q_scale_max, t.qrow, t.shift, t.bits, t.group, y32, m, n,
+                                  qm.in_features, K_PER_PROGRAM=GEMV_K_PER_PROGRAM, M_MAX=GEMV_MAX_M,
+                                  BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
+        if qm.bias is not None:
+            y32 += qm.bias.to(torch.float32)
+        return y32.to(x.dtype).reshape(*lead, n)
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     block_m = 16
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, BLOCK_N))
