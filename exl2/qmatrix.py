@@ -8,14 +8,14 @@ each with a finding code.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 
 import torch
 
 from .errors import FormatError
-from .format import BLOCKS, COLUMN_PAD, INT16_MAX, UINT16_MAX, WIDTHS
+from .format import BLOCKS, COLUMN_PAD, INT16_MAX, UINT16_MAX, WIDTHS, row_granule
 
 #: Tensors of a quantized layer, with their dtype (spec 3.1). ``bias`` and ``q_perm`` are optional.
 LAYER_TENSORS: dict[str, torch.dtype] = {
@@ -50,38 +50,17 @@ class GroupTable:
     @classmethod
     def decode(cls, q_groups: torch.Tensor, num_qrows: int, in_features: int) -> "GroupTable":
         """Decode ``q_groups`` (pairs ``bits, first qrow``) against the q_weight height and
-        in_features, checking every rule a decoder depends on (spec 4.1 to 4.5)."""
+        in_features; raises :class:`FormatError` at the first rule of spec 4 that fails."""
 
-        def bad(msg: str) -> FormatError:
-            return FormatError(msg, tensor="q_groups")
+        def refuse(code: str, tensor: str, message: str) -> None:
+            raise FormatError(f"{message} [{code}]", tensor=tensor)
 
         if q_groups.dim() != 1 or q_groups.numel() == 0 or q_groups.numel() % 2:
-            raise bad(f"must be a non-empty 1-D tensor of (bits, qrow) pairs, has shape {list(q_groups.shape)}")
-        pairs = (q_groups.to(torch.int64) & 0xFFFF).view(-1, 2).tolist()  # read as uint16 (spec 4.5)
-        n = len(pairs)
-        groups = []
-        row = 0
-        for i, (bits, qrow) in enumerate(pairs):
-            if bits not in WIDTHS:
-                raise bad(f"group {i} has bit width {bits}, not one of {list(WIDTHS)}")
-            if i and bits > pairs[i - 1][0]:
-                raise bad(f"group {i} is {bits}-bit after a {pairs[i - 1][0]}-bit group; widths must be non-increasing")
-            end = pairs[i + 1][1] if i + 1 < n else num_qrows
-            if i == 0 and qrow != 0:
-                raise bad(f"group 0 starts at qrow {qrow}, not 0")
-            if not qrow < end <= num_qrows:
-                raise bad(f"group {i} spans qrows [{qrow}, {end}), not a non-empty range inside q_weight's {num_qrows} rows")
-            qrows = end - qrow
-            if qrows % BLOCKS[bits].words:
-                raise bad(f"group {i} ({bits}-bit) has {qrows} qrows, not whole {BLOCKS[bits].words}-word blocks")
-            rows = qrows * 32 // bits
-            if i == n - 1 and rows != in_features - row:
-                raise bad(f"last group holds {rows} rows by its qrows but in_features leaves {in_features - row}")
-            groups.append(Group(index=i, bits=bits, row=row, rows=rows, qrow=qrow, qrows=qrows))
-            row += rows
-            if row > in_features:
-                raise bad(f"groups hold more rows ({row}) than in_features ({in_features})")
-        return cls(tuple(groups))
+            refuse("EXL2-T003", "q_groups", f"must be a non-empty 1-D tensor of (bits, qrow) pairs, "
+                                            f"has shape {list(q_groups.shape)}")
+        groups = check_groups(q_groups.to(torch.int64).view(-1, 2).tolist(), num_qrows, in_features, refuse)
+        assert groups is not None  # refuse() raised otherwise
+        return cls(groups)
 
     def __len__(self) -> int:
         return len(self.groups)
@@ -104,6 +83,62 @@ class GroupTable:
     def encode(self) -> torch.Tensor:
         """The ``q_groups`` tensor of this table."""
         return torch.tensor([v for g in self.groups for v in (g.bits, g.qrow)], dtype=torch.int16)
+
+
+Report = Callable[[str, str, str], None]
+
+
+def check_groups(pairs: list[list[int]], num_qrows: int, in_features: int, report: Report) -> tuple[Group, ...] | None:
+    """Every rule of spec 4 over the ``(bits, first qrow)`` pairs of ``q_groups`` (as stored,
+    int16). Each broken rule is passed to ``report(code, tensor, message)`` with its finding code
+    (spec/findings.md); returns the groups when all rules hold, else None. The validator reports
+    every finding; :meth:`GroupTable.decode` raises at the first."""
+    ok = True
+
+    def fail(code: str, tensor: str, message: str) -> None:
+        nonlocal ok
+        ok = False
+        report(code, tensor, message)
+
+    g = len(pairs)
+    if g > INT16_MAX:
+        fail("EXL2-G007", "q_groups", f"{g} groups exceed the 16-bit limit {INT16_MAX}")
+    if num_qrows > INT16_MAX:
+        fail("EXL2-G007", "q_weight", f"{num_qrows} qrows exceed the 16-bit limit {INT16_MAX}")
+    for i, (bits, qrow) in enumerate(pairs):
+        if qrow < 0:
+            fail("EXL2-G007", "q_groups", f"group {i} offset {qrow & 0xFFFF} does not fit in int16")
+        if bits not in WIDTHS:
+            fail("EXL2-G001", "q_groups", f"group {i} has width {bits}, not one of {list(WIDTHS)}")
+        elif i and pairs[i - 1][0] in WIDTHS and bits > pairs[i - 1][0]:
+            fail("EXL2-G002", "q_groups", f"group {i} is {bits}-bit after a {pairs[i - 1][0]}-bit group; "
+                                          f"widths must be non-increasing")
+    if not ok:
+        return None
+    offsets = [qrow for _, qrow in pairs] + [num_qrows]
+    if offsets[0] != 0 or any(a >= b for a, b in zip(offsets, offsets[1:])):
+        fail("EXL2-G003", "q_groups", f"qrow offsets {offsets[:-1][:8]}{'...' if g > 8 else ''} must start at 0 "
+                                      f"and increase strictly below q_weight's {num_qrows} rows")
+        return None
+    groups = []
+    row = 0
+    for i, (bits, qrow) in enumerate(pairs):
+        qrows = offsets[i + 1] - qrow
+        words = BLOCKS[bits].words
+        if qrows % words:
+            fail("EXL2-G004", "q_groups", f"group {i} ({bits}-bit) has {qrows} qrows, not whole {words}-word blocks")
+        rows = qrows * 32 // bits
+        if rows % row_granule(bits):
+            fail("EXL2-G005", "q_groups", f"group {i} ({bits}-bit) has {rows} rows, not a multiple of {row_granule(bits)}")
+        if rows > INT16_MAX:
+            fail("EXL2-G007", "q_groups", f"group {i} has {rows} rows, above the 16-bit limit")
+        groups.append(Group(index=i, bits=bits, row=row, rows=rows, qrow=qrow, qrows=qrows))
+        row += rows
+    if row != in_features:
+        last = groups[-1].rows
+        fail("EXL2-G006", "q_groups", f"groups hold {row} rows but in_features is {in_features} "
+                                      f"(last group: {last} rows by its qrows, {in_features - (row - last)} by in_features)")
+    return tuple(groups) if ok else None
 
 
 def _check_tensor(name: str, t: torch.Tensor, dtype: torch.dtype, dim: int) -> None:
@@ -189,8 +224,6 @@ class QMatrix:
             raise FormatError(f"has shape {list(self.q_scale.shape)}, expected [{g}, {cols // 8}]", tensor="q_scale")
         if self.q_scale_max.shape != (g,):
             raise FormatError(f"has shape {list(self.q_scale_max.shape)}, expected [{g}]", tensor="q_scale_max")
-        if g > INT16_MAX or qrows > INT16_MAX:
-            raise FormatError(f"{g} groups / {qrows} qrows exceed the 16-bit limit {INT16_MAX}", tensor="q_groups")
         perm = self.q_invperm.to(torch.int64)
         if perm.min() < 0 or perm.max() >= k or torch.bincount(perm, minlength=k).ne(1).any():
             raise FormatError(f"is not a permutation of 0..{k - 1}", tensor="q_invperm")

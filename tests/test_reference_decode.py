@@ -60,23 +60,23 @@ def test_packing_and_decoding_match_exllamav2(layer):
 
 
 def test_hand_computed_example():
-    # One 4-bit group of 8 rows then one 2-bit group of 16 rows, 32 columns (no padding), identity order.
+    # One 4-bit group of 32 rows then one 2-bit group of 16 rows, 32 columns (no padding), identity order.
     # 4-bit: every code 9 (0x99999999 per word), scale code 3 -> qs 4 -> (qs)^2 = 16, q_scale_max 256
     #   -> group max 1.0 -> scale 16; value (9 - 8) * 16 = 16.
     # 2-bit: codes alternate 0, 3 (word 0b11001100... = 0xCCCCCCCC), scale code 0 -> qs 1, q_scale_max 0.5
     #   -> group max 2^-9 -> scale 2^-9; values (0 - 2) * 2^-9 = -2^-8 and (3 - 2) * 2^-9 = 2^-9.
     u32 = lambda v: v - (1 << 32) if v >= 1 << 31 else v  # noqa: E731
     qm = QMatrix(
-        q_weight=torch.tensor([[u32(0x99999999)] * 32, [u32(0xCCCCCCCC)] * 32], dtype=torch.int32),
+        q_weight=torch.tensor([[u32(0x99999999)] * 32] * 4 + [[u32(0xCCCCCCCC)] * 32], dtype=torch.int32),
         q_scale=torch.tensor([[0x33333333] * 4, [0] * 4], dtype=torch.int32),
         q_scale_max=torch.tensor([256.0, 0.5], dtype=torch.float16),
-        q_groups=torch.tensor([4, 0, 2, 1], dtype=torch.int16),
-        q_invperm=torch.arange(24, dtype=torch.int32),
+        q_groups=torch.tensor([4, 0, 2, 4], dtype=torch.int16),
+        q_invperm=torch.arange(48, dtype=torch.int32),
     )
     b = dequantize(qm).to(torch.float64)
-    assert b.shape == (24, 32)
-    assert (b[:8] == 16).all()
-    assert (b[8::2] == -(2.0**-8)).all() and (b[9::2] == 2.0**-9).all()
+    assert b.shape == (48, 32)
+    assert (b[:32] == 16).all()
+    assert (b[32::2] == -(2.0**-8)).all() and (b[33::2] == 2.0**-9).all()
 
 
 def test_subnormal_group_maximum_loses_bits_once():

@@ -10,8 +10,8 @@ from collections.abc import Mapping
 
 import torch
 
-from ..format import BLOCKS, COLUMN_PAD, INT16_MAX, UINT16_MAX, WIDTHS, row_granule, zero_point
-from ..qmatrix import LAYER_TENSORS, QMatrix
+from ..format import COLUMN_PAD, UINT16_MAX, zero_point
+from ..qmatrix import LAYER_TENSORS, QMatrix, check_groups
 from ..reference.packing import unpack_codes, unpack_scales
 from .findings import Finding, finding
 
@@ -93,58 +93,10 @@ class _LayerCheck:
                 got[name] = t
         return got if len(got) == len(LAYER_TENSORS) else None
 
-    def group_table(self, qg: torch.Tensor, q_rows: int, k: int) -> list[tuple[int, int, int, int]] | None:
-        """Checks spec 4.1-4.6; returns ``(bits, qrow, qrows, rows)`` per group when all hold."""
-        raw = qg.to(torch.int64).view(-1, 2).tolist()
-        g = len(raw)
-        ok = True
-        if g > INT16_MAX:
-            self.add("EXL2-G007", "q_groups", f"{g} groups exceed the 16-bit limit {INT16_MAX}")
-            ok = False
-        if q_rows > INT16_MAX:
-            self.add("EXL2-G007", "q_weight", f"{q_rows} qrows exceed the 16-bit limit {INT16_MAX}")
-            ok = False
-        for i, (bits, qrow) in enumerate(raw):
-            if qrow < 0:
-                self.add("EXL2-G007", "q_groups", f"group {i} offset {qrow & 0xFFFF} does not fit in int16")
-                ok = False
-            if bits not in WIDTHS:
-                self.add("EXL2-G001", "q_groups", f"group {i} has width {bits}")
-                ok = False
-            elif i and raw[i - 1][0] in WIDTHS and bits > raw[i - 1][0]:
-                self.add("EXL2-G002", "q_groups", f"group {i} is {bits}-bit after a {raw[i - 1][0]}-bit group")
-                ok = False
-        if not ok:
-            return None
-        offsets = [qrow for _, qrow in raw] + [q_rows]
-        if offsets[0] != 0 or any(a >= b for a, b in zip(offsets, offsets[1:])):
-            self.add("EXL2-G003", "q_groups", f"qrow offsets {offsets[:-1][:8]}{'...' if g > 8 else ''} must start at 0 "
-                                              f"and increase strictly below q_weight's {q_rows} rows")
-            return None
-        groups = []
-        row = 0
-        for i, (bits, qrow) in enumerate(raw):
-            qrows = offsets[i + 1] - qrow
-            words = BLOCKS[bits].words
-            if qrows % words:
-                self.add("EXL2-G004", "q_groups", f"group {i} ({bits}-bit) has {qrows} qrows, not whole {words}-word blocks")
-                ok = False
-            rows = qrows * 32 // bits
-            if rows % row_granule(bits):
-                self.add("EXL2-G005", "q_groups", f"group {i} ({bits}-bit) has {rows} rows, "
-                                                  f"not a multiple of {row_granule(bits)}")
-                ok = False
-            if rows > INT16_MAX:
-                self.add("EXL2-G007", "q_groups", f"group {i} has {rows} rows, above the 16-bit limit")
-                ok = False
-            groups.append((bits, qrow, qrows, rows))
-            row += rows
-        if row != k:
-            last_by_k = k - (row - groups[-1][3])
-            self.add("EXL2-G006", "q_groups", f"groups hold {row} rows but in_features is {k} "
-                                              f"(last group: {groups[-1][3]} rows by its qrows, {last_by_k} by in_features)")
-            ok = False
-        return groups if ok else None
+    def group_table(self, qg: torch.Tensor, q_rows: int, k: int):
+        """Spec 4.1-4.6 (:func:`exl2.qmatrix.check_groups`, which reports each rule's code)."""
+        groups = check_groups(qg.to(torch.int64).view(-1, 2).tolist(), q_rows, k, self.add)
+        return None if groups is None else [(g.bits, g.qrow, g.qrows, g.rows) for g in groups]
 
     def permutations(self, inv: torch.Tensor) -> None:
         k = inv.numel()
