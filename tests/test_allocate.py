@@ -25,11 +25,11 @@ def problems(draw):
     return costs, errors, budget
 
 
-def brute_force(costs, errors, budget):
+def brute_force(costs, errors, budget, combine=sum):
     best = None
     for choice in itertools.product(*(range(len(c)) for c in costs)):
         if sum(c[j] for c, j in zip(costs, choice)) <= budget:
-            obj = sum(e[j] for e, j in zip(errors, choice))
+            obj = combine(e[j] for e, j in zip(errors, choice))
             best = obj if best is None else min(best, obj)
     return best
 
@@ -44,6 +44,15 @@ def test_feasible_and_certified(problem, exact):
     assert a.bound <= opt + 1e-9 <= a.objective + 2e-9  # bound <= optimum <= objective
     if exact:
         assert a.objective == pytest.approx(opt, abs=1e-9) and a.gap == pytest.approx(0, abs=1e-9)
+
+
+@given(problems(), st.booleans())
+def test_minimax_is_exact(problem, exact):
+    costs, errors, budget = problem
+    a = allocate(costs, errors, budget, objective="max", exact=exact)
+    assert a.total_bits == sum(c[j] for c, j in zip(costs, a.choice)) <= budget
+    assert a.objective == max(e[j] for e, j in zip(errors, a.choice))
+    assert a.objective == a.bound == brute_force(costs, errors, budget, combine=max)
 
 
 def test_never_worse_than_annealing():
@@ -61,9 +70,17 @@ def test_never_worse_than_annealing():
         assert a.objective <= s.objective + 1e-12
 
 
-def test_infeasible_budget_raises():
+@pytest.mark.parametrize("objective", ["sum", "max"])
+def test_infeasible_budget_raises(objective):
     with pytest.raises(Exl2Error, match="cheapest"):
-        allocate([[10, 20], [5]], [[1.0, 0.5], [0.0]], 14)
+        allocate([[10, 20], [5]], [[1.0, 0.5], [0.0]], 14, objective)
+
+
+@pytest.mark.parametrize("errors, objective", [([[1.0, -0.5]], "sum"), ([[1.0, float("nan")]], "sum"),
+                                               ([[1.0, 0.5]], "mean")])
+def test_bad_input_raises(errors, objective):
+    with pytest.raises(Exl2Error):
+        allocate([[1, 2]], errors, 5, objective)
 
 
 def test_deterministic():

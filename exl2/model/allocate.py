@@ -13,6 +13,11 @@ proves a lower bound on the optimum, so the gap of the answer is certified:
 
 When the costs, divided by their greatest common divisor, make a small table, an exact dynamic
 program over the budget is used instead (``bound`` = objective, gap 0).
+
+``objective="max"`` minimises the largest layer error instead (the figure exllamav2's optimizer
+tunes its error norm for): solved exactly by bisection over the distinct error values, the
+cheapest allowed option per layer deciding feasibility; among the choices that reach that
+maximum, the sum of errors is then minimised as above.
 Deterministic: ties go to the lower index.
 """
 
@@ -33,6 +38,10 @@ EXACT_CELLS = 20_000_000
 
 @dataclass(frozen=True)
 class Allocation:
+    """``choice[i]``: the option taken for layer i; ``total_bits``: their summed cost (<= budget);
+    ``objective``: their summed (or largest) error; ``bound``: a proven lower bound on the optimal
+    objective, so ``objective - bound`` is a certified gap (None when nothing is proven)."""
+
     choice: list[int]
     total_bits: int
     objective: float
@@ -57,19 +66,59 @@ def _arrays(costs: list[list[int]], errors: list[list[float]]) -> tuple[np.ndarr
     return c, e, valid
 
 
-def allocate(costs: list[list[int]], errors: list[list[float]], budget_bits: int, *, exact: bool | None = None) -> Allocation:
+def allocate(costs: list[list[int]], errors: list[list[float]], budget_bits: int, objective: str = "sum", *,
+             exact: bool | None = None) -> Allocation:
     """Choose one option per layer (``costs[i][j]`` bits, ``errors[i][j]`` error) so that total
-    bits stay within ``budget_bits`` and the sum of errors is smallest (or certifiably close)."""
+    bits stay within ``budget_bits`` and the sum of errors (``objective="sum"``) or the largest
+    error (``"max"``, exact) is smallest. ``exact`` forces (True) or forbids (False) the dynamic
+    program of the sum; by default it runs when its table is small."""
+    if objective not in ("sum", "max"):
+        raise Exl2Error(f"unknown allocation objective {objective!r} (sum or max)")
     c, e, valid = _arrays(costs, errors)
-    n = len(costs)
+    if np.any(valid & ~(np.isfinite(e) & (e >= 0))) or np.any(valid & (c < 0)):
+        raise Exl2Error("errors must be finite numbers >= 0 and costs >= 0")
     cheapest = int(np.where(valid, c, np.iinfo(np.int64).max).min(axis=1).sum())
     if cheapest > budget_bits:
         raise Exl2Error(f"even the cheapest options need {cheapest:,} bits, over the budget of {budget_bits:,}")
-    unit = reduce(math.gcd, (int(x) for ci in costs for x in ci), 0) or 1
-    cells = n * (budget_bits // unit + 1)
+    if objective == "max":
+        return _minimax(c, e, valid, budget_bits, exact)
+    return _sum(c, e, valid, budget_bits, exact)
+
+
+def _sum(c: np.ndarray, e: np.ndarray, valid: np.ndarray, budget: int, exact: bool | None) -> Allocation:
+    unit = reduce(math.gcd, (int(x) for x in c[valid]), 0) or 1
+    cells = len(c) * (budget // unit + 1)
     if exact or (exact is None and cells <= EXACT_CELLS):
-        return _exact(c, e, valid, budget_bits, unit)
-    return _lagrangian(c, e, valid, budget_bits)
+        return _exact(c, e, valid, budget, unit)
+    return _lagrangian(c, e, valid, budget)
+
+
+def _minimax(c: np.ndarray, e: np.ndarray, valid: np.ndarray, budget: int, exact: bool | None) -> Allocation:
+    """Least possible largest error: the smallest threshold t at which taking, per layer, the
+    cheapest option with error <= t fits. That cost only falls as t grows, so bisect over the
+    sorted distinct error values; the largest one admits every option, which fits."""
+    big = np.iinfo(np.int64).max // (4 * max(1, len(c)))
+
+    def fits(t: float) -> bool:
+        allowed = valid & (e <= t)
+        if not allowed.any(axis=1).all():
+            return False
+        return int(np.where(allowed, c, big).min(axis=1).sum()) <= budget
+
+    levels = np.unique(e[valid])
+    lo, hi = 0, len(levels) - 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if fits(float(levels[mid])):
+            hi = mid
+        else:
+            lo = mid + 1
+    worst = float(levels[lo])
+    allowed = valid & (e <= worst)
+    inner = _sum(np.where(allowed, c, big), np.where(allowed, e, np.inf), allowed, budget, exact)
+    rows = np.arange(len(c))
+    choice = np.array(inner.choice)
+    return Allocation(inner.choice, int(c[rows, choice].sum()), float(e[rows, choice].max()), worst)
 
 
 def _pick(c: np.ndarray, e: np.ndarray, lam: float) -> np.ndarray:
@@ -154,11 +203,16 @@ def _exact(c: np.ndarray, e: np.ndarray, valid: np.ndarray, budget: int, unit: i
     return Allocation(choice, total, float(e[rows, choice].sum()), obj)
 
 
-def anneal(costs: list[list[int]], errors: list[list[float]], budget_bits: int, *, seed: int = 0,
+def anneal(costs: list[list[int]], errors: list[list[float]], budget_bits: int, seed: int = 0,
            iterations: int = 20_000) -> Allocation:
-    """A simulated-annealing baseline in the manner of exllamav2's optimizer: start from the
-    cheapest options, propose one layer's option at random, accept improvements and, with a
-    temperature falling geometrically, some worsening moves; infeasible moves are rejected."""
+    """A simulated-annealing baseline in the manner of exllamav2's optimizer (``sim_anneal`` in its
+    extension, called from ``conversion/optimize.py``), for comparison only: start from the
+    cheapest options, propose one layer and one of its options uniformly at random, reject moves
+    over the budget, accept improvements always and worsening moves with probability
+    ``exp(-Δ/T)``, the temperature falling geometrically (exllamav2: from 2 to 1e-4 by 0.995 per
+    1000 moves; here over ``iterations`` moves, from the spread of the errors to 1e-4 of it,
+    because exllamav2's absolute temperatures assume its own error scale). Returns the best
+    choice seen; ``bound`` is None (annealing proves nothing)."""
     c, e, valid = _arrays(costs, errors)
     n = len(costs)
     rng = random.Random(seed)

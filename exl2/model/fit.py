@@ -12,10 +12,11 @@ the format (spec 7.5) rather than a rule of thumb:
 - **Unquantized** tensors in float16: embeddings, and the norms (2 per layer and a final one).
 - **KV cache**: ``2 x layers x kv_heads x head_dim x context x bits / 8`` (batch 1); 8- and 4-bit
   caches add one float16 scale per 32 values, as exllamav2's quantized caches store them
-  (``exllamav2/cache.py``, ``shape_s``).
-- **Overhead**: a fixed 0.4 GiB (CUDA context, allocator slack) plus scratch for one forward
-  chunk of ``min(context, 2048)`` tokens: float32 logits and float16 hidden/MLP activations,
-  ``chunk x (4 x vocab + 2 x (2 x hidden + 2 x intermediate))`` bytes.
+  (``exllamav2/cache.py``, ``shape_s``), and one layer's float16 K and V, the buffers they are
+  dequantized into (``temp_tensors``, ``shape_basic``).
+- **Overhead**: a fixed 0.5 GiB (CUDA context, cuBLAS workspace, allocator slack; ``--overhead``
+  changes it) plus the scratch exllamav2 itself reserves for a forward pass of ``min(context, 2048)``
+  tokens (its ``max_input_len``), see :func:`scratch_bytes`.
 
 VRAM sizes: ``24GB``, ``24GiB`` and ``24G`` all mean 24 x 2^30 bytes (cards sold as "24 GB" have
 24 GiB); ``MB``/``MiB`` mean 2^20.
@@ -34,8 +35,12 @@ from ..format import padded_columns
 from ..qparams import QParams
 
 GIB = 1 << 30
-OVERHEAD_FIXED = int(0.4 * GIB)
+OVERHEAD_FIXED = GIB // 2
+#: exllamav2's defaults: tokens per forward chunk (``max_input_len``), largest dequantized matrix
+#: (``max_dq_size``, elements), attention-weights budget (``max_attention_size``).
 CHUNK = 2048
+MAX_DQ = 512 * 2**20
+MAX_ATTENTION = 2048**2
 
 #: Public facts about well-known llama-family models (config.json values).
 PRESETS: dict[str, dict] = {
@@ -125,16 +130,47 @@ def quantized_numel(m: Llama) -> int:
     return m.num_hidden_layers * sum(k * padded_columns(n) for k, n in m.linears())
 
 
-def budget(m: Llama, bpw: float, *, head_bits: int = 6, context: int = 2048, cache_bits: int = 16) -> Budget:
+def cache_bytes(m: Llama, context: int, cache_bits: int) -> int:
+    """KV cache of batch 1 (see the module docstring)."""
+    values = 2 * m.num_hidden_layers * m.num_key_value_heads * m.head_dim * context
+    if cache_bits >= 16:
+        return values * 2
+    scales = values // 32 * 2
+    dequantized = 2 * context * m.num_key_value_heads * m.head_dim * 2
+    return values * cache_bits // 8 + scales + dequantized
+
+
+def scratch_bytes(m: Llama, context: int) -> int:
+    """Working memory of one forward chunk, the way exllamav2 sizes it (``scratch_space`` and
+    ``temp_*_size`` of ``attn.py``/``mlp.py``/``linear.py``, ``temp_attn_size``): modules share one
+    scratch area, so it is the larger of the attention's and the MLP's needs, plus the attention
+    weights (flash-attention's smaller share) and the float32 logits of the chunk."""
+    tokens = min(context, CHUNK)
+    h, i = m.hidden_size, m.intermediate_size
+    q, kv = m.num_attention_heads * m.head_dim, m.num_key_value_heads * m.head_dim
+
+    def dq(shapes: list[tuple[int, int]]) -> int:  # one dequantized weight matrix, float16
+        return max(2 * min(k * n, MAX_DQ) for k, n in shapes)
+
+    lin = m.linears()
+    attn = tokens * 2 * (max(q, h) + q + 2 * kv) + 4 * 128 + dq(lin[:4])
+    if kv != q:  # K and V expanded to every query head for grouped-query attention
+        attn += 2 * context * q * 2 + 128
+    mlp = tokens * 2 * (h + 2 * max(h, i)) + 3 * 128 + dq(lin[4:])
+    att_max = min(MAX_ATTENTION, context**2) // (MAX_ATTENTION**0.5 / 190)
+    attn_weights = int(2 * att_max * m.num_attention_heads * 2 + 128)
+    logits = tokens * m.vocab_size * 4
+    return max(attn, mlp) + attn_weights + logits
+
+
+def budget(m: Llama, bpw: float, *, head_bits: int = 6, context: int = 2048, cache_bits: int = 16,
+           overhead_fixed: int = OVERHEAD_FIXED) -> Budget:
     weights = math.ceil(quantized_numel(m) * bpw / 8 - 1e-6)  # whole bytes; the epsilon absorbs float error
     head = 0 if m.tie_word_embeddings else QParams(32, [head_bits], [1.0]).total_bits(m.hidden_size, m.vocab_size) // 8
     norms = (2 * m.num_hidden_layers + 1) * m.hidden_size
     unquantized = 2 * (m.vocab_size * m.hidden_size + norms)
-    values = 2 * m.num_hidden_layers * m.num_key_value_heads * m.head_dim * context
-    cache = values * cache_bits // 8 + (values // 32 * 2 if cache_bits < 16 else 0)
-    chunk = min(context, CHUNK)
-    scratch = chunk * (4 * m.vocab_size + 2 * (2 * m.hidden_size + 2 * m.intermediate_size))
-    return Budget(bpw, weights, head, unquantized, cache, OVERHEAD_FIXED + scratch)
+    cache = cache_bytes(m, context, cache_bits)
+    return Budget(bpw, weights, head, unquantized, cache, overhead_fixed + scratch_bytes(m, context))
 
 
 def largest_bpw(m: Llama, vram: int, *, lo: float = 2.0, hi: float = 8.0, **kw) -> float | None:
