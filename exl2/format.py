@@ -23,8 +23,9 @@ COLUMN_PAD = 32
 #: stay within it (spec 4.5).
 INT16_MAX = 32767
 
-#: Largest in_features: q_perm / q_invperm are narrowed to 16 bits by exllamav2 (spec 4.5).
-UINT16_MAX = 65535
+#: Largest in_features: exllamav2 narrows q_perm / q_invperm to 16 bits and reads them as
+#: uint16, so entries go up to 65535 (spec 4.5).
+MAX_IN_FEATURES = 65536
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from functools import cached_property
 import torch
 
 from .errors import FormatError
-from .format import BLOCKS, COLUMN_PAD, INT16_MAX, UINT16_MAX, WIDTHS, row_granule
+from .format import BLOCKS, COLUMN_PAD, INT16_MAX, MAX_IN_FEATURES, WIDTHS, row_granule
 
 #: Tensors of a quantized layer, with their dtype (spec 3.1). ``bias`` and ``q_perm`` are optional.
 LAYER_TENSORS: dict[str, torch.dtype] = {
@@ -217,8 +217,8 @@ class QMatrix:
         if cols == 0 or cols % COLUMN_PAD:
             raise FormatError(f"has {cols} columns, not a positive multiple of {COLUMN_PAD}", tensor="q_weight")
         k = self.q_invperm.numel()
-        if not 0 < k <= UINT16_MAX:
-            raise FormatError(f"has {k} entries; in_features must be in 1..{UINT16_MAX}", tensor="q_invperm")
+        if not 0 < k <= MAX_IN_FEATURES:
+            raise FormatError(f"has {k} entries; in_features must be in 1..{MAX_IN_FEATURES}", tensor="q_invperm")
         g = self.q_groups.numel() // 2
         if self.q_scale.shape != (g, cols // 8):
             raise FormatError(f"has shape {list(self.q_scale.shape)}, expected [{g}, {cols // 8}]", tensor="q_scale")

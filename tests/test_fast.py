@@ -94,7 +94,8 @@ def test_gptq_within_bound():
     qp = QParams(32, [4, 3], [0.5, 0.5])
     a, b = fast.quantize(dev(w), qp, dev(h)).to("cpu"), reference.quantize(w, qp, h)
     assert torch.equal(a.q_invperm, b.q_invperm) and torch.equal(a.q_groups, b.q_groups)
-    agree = (reference.dequantize(a) == reference.dequantize(b)).double().mean()  # equal values: equal codes
+    # equal values: equal codes; only the 40 real columns (padded ones always agree)
+    agree = (reference.dequantize(a)[:, :40] == reference.dequantize(b)[:, :40]).double().mean()
     assert agree >= GPTQ_MIN_CODE_AGREEMENT
     ea = hessian_weighted_error(w.T, reference.dequantize(a)[:, :40], h)
     eb = hessian_weighted_error(w.T, reference.dequantize(b)[:, :40], h)

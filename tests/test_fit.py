@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from exl2 import QParams
+from exl2.model.options import head_option
 from exl2.model.fit import GIB, budget, largest_bpw, load, parse_size, quantized_numel
 from exl2.reference import quantize
 
@@ -52,7 +53,7 @@ def test_accounting_matches_a_real_llama(tmp_path):
     floats = sum(v.numel() for k, v in sd.items() if k not in linears and k != "lm_head.weight" and "rotary" not in k)
     b = budget(m, 4.0, head_bits=6)
     assert b.unquantized == 2 * floats
-    head = quantize(sd["lm_head.weight"], QParams(32, [6], [1.0]))
+    head = quantize(sd["lm_head.weight"], head_option(6))
     assert b.head == head.storage_bits() // 8
     # weights at the bpw a real quantization achieves: stored bits of the layers / their weights
     qp = QParams(32, [4], [1.0])

@@ -77,3 +77,11 @@ def test_spec_worked_example():
     # spec 5.2: one 3-bit column with c_i = i mod 8; the words computed by hand in the spec.
     packed = pack_codes(torch.tensor([i % 8 for i in range(32)])[:, None], 3)
     assert [int(v) & 0xFFFFFFFF for v in packed[:, 0]] == [0x88FAC688, 0xC688FAC6, 0xFAC688FA]
+
+
+def test_spec_worked_examples_6_and_5_bit():
+    # spec 5.2: c_i = 63 - 4i (6-bit, straddles at codes 5 and 10), c_i = (7i + 1) mod 32 (5-bit)
+    six = pack_codes(torch.tensor([63 - 4 * i for i in range(16)])[:, None], 6)
+    assert [int(v) & 0xFFFFFFFF for v in six[:, 0]] == [0xEFCF7EFF, 0x76DF8E7A, 0x0C72CF4D]
+    five = pack_codes(torch.tensor([(7 * i + 1) % 32 for i in range(32)])[:, None], 5)
+    assert [int(v) & 0xFFFFFFFF for v in five[:, 0]] == [0xC9DB3D01, 0x571C1992, 0x7F1150F9, 0x0916E8D3, 0xD4D85F5E]

@@ -17,7 +17,7 @@ def quantize_cmd(
     src: str = typer.Argument(..., help="Hugging Face model folder (safetensors), or example:minilm"),
     out: Path = typer.Option(..., "-o", "--output", help="output folder (must not exist)"),
     bpw: float = typer.Option(..., "-b", "--bits", help="target average bits per weight (stored bits, 2.0-8.0)"),
-    head_bits: int = typer.Option(6, "--head-bits", help="bits of the output head (causal LMs)"),
+    head_bits: int = typer.Option(6, "--head-bits", help="head option of causal LMs: 2, 3, 4, 5, 6 or 8 (exllamav2's qparams_headoptions)"),
     calibration: Path = typer.Option(None, "--calibration", help="calibration text file (default: shipped corpus)"),
     measurement: Path = typer.Option(None, "--measurement", help="reuse a measurement.json (skips measuring)"),
     device: str = typer.Option("auto", "--device", help="auto (cuda when there is a GPU), cpu or cuda"),

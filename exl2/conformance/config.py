@@ -27,8 +27,8 @@ class QuantizationConfig(BaseModel):
 
     quant_method: Literal["exl2"]
     version: str | None = None
-    bits: float = Field(ge=2.0, le=8.5)
-    head_bits: int | None = Field(default=None, ge=2, le=16)
+    bits: float = Field(gt=0.0, le=16.0)  # exllamav2 accepts any target (it warns outside 2-8)
+    head_bits: Literal[2, 3, 4, 5, 6, 8] | None = None  # keys of qparams_headoptions
     calibration: Calibration | None = None
 
 

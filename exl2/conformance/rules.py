@@ -10,7 +10,7 @@ from collections.abc import Mapping
 
 import torch
 
-from ..format import COLUMN_PAD, UINT16_MAX, zero_point
+from ..format import COLUMN_PAD, MAX_IN_FEATURES, zero_point
 from ..qmatrix import LAYER_TENSORS, QMatrix, check_groups
 from ..reference.packing import unpack_codes, unpack_scales
 from .findings import Finding, finding
@@ -54,8 +54,8 @@ class _LayerCheck:
         k = inv.numel()
         if cols == 0 or cols % COLUMN_PAD:
             self.add("EXL2-T004", "q_weight", f"has {cols} columns, not a positive multiple of {COLUMN_PAD}")
-        if not 0 < k <= UINT16_MAX:
-            self.add("EXL2-G007", "q_invperm", f"in_features {k} is outside 1..{UINT16_MAX} (q_perm is 16-bit)")
+        if not 0 < k <= MAX_IN_FEATURES:
+            self.add("EXL2-G007", "q_invperm", f"in_features {k} is outside 1..{MAX_IN_FEATURES} (q_perm is 16-bit)")
         if qg.numel() == 0 or qg.numel() % 2:
             self.add("EXL2-T003", "q_groups", f"has {qg.numel()} entries, not a positive even number")
             return self.findings

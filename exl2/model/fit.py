@@ -7,7 +7,8 @@ the format (spec 7.5) rather than a rule of thumb:
   ``bpw`` is the converter's target, which counts *stored* bits (codes, scales, group table,
   permutation) per weight, so this is exact for a file that meets its target; padding of
   out_features to 32 is added.
-- **Head** (``lm_head``) at ``head_bits``: the exact stored bits of ``QParams(32, [head_bits], [1])``
+- **Head** (``lm_head``) at ``head_bits``: the exact stored bits of exllamav2's head option for it
+  (``qparams_headoptions``, :data:`exl2.model.options.HEAD_OPTIONS`)
   (``QParams.total_bits``), unless the embeddings are tied and there is no separate head.
 - **Unquantized** tensors in float16: embeddings, and the norms (2 per layer and a final one).
 - **KV cache**: ``2 x layers x kv_heads x head_dim x context x bits / 8`` (batch 1); 8- and 4-bit
@@ -32,7 +33,7 @@ from pathlib import Path
 
 from ..errors import ContainerError, FormatError
 from ..format import padded_columns
-from ..qparams import QParams
+from .options import head_option
 
 GIB = 1 << 30
 OVERHEAD_FIXED = GIB // 2
@@ -166,7 +167,7 @@ def scratch_bytes(m: Llama, context: int) -> int:
 def budget(m: Llama, bpw: float, *, head_bits: int = 6, context: int = 2048, cache_bits: int = 16,
            overhead_fixed: int = OVERHEAD_FIXED) -> Budget:
     weights = math.ceil(quantized_numel(m) * bpw / 8 - 1e-6)  # whole bytes; the epsilon absorbs float error
-    head = 0 if m.tie_word_embeddings else QParams(32, [head_bits], [1.0]).total_bits(m.hidden_size, m.vocab_size) // 8
+    head = 0 if m.tie_word_embeddings else head_option(head_bits).total_bits(m.hidden_size, m.vocab_size) // 8
     norms = (2 * m.num_hidden_layers + 1) * m.hidden_size
     unquantized = 2 * (m.vocab_size * m.hidden_size + norms)
     cache = cache_bytes(m, context, cache_bits)

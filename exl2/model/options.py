@@ -26,6 +26,20 @@ OPTIONS: tuple[QParams, ...] = (
 )
 
 
+#: exllamav2's ``qparams_headoptions``: ``--head-bits`` names an entry, not a width (6 means 15 %
+#: of the rows at 8 bits and 85 % at 6).
+HEAD_OPTIONS: dict[int, QParams] = {
+    2: QParams(32, [4, 2], [0.3, 0.7]),
+    3: QParams(32, [4, 3], [0.15, 0.85]),
+    4: QParams(32, [6, 4], [0.15, 0.85]),
+    5: QParams(128, [6, 5], [0.15, 0.85]),
+    6: QParams(128, [8, 6], [0.15, 0.85]),
+    8: QParams(128, [8], [1.0]),
+}
+
+
 def head_option(bits: int) -> QParams:
-    """The output head's single-width option (``--head-bits``)."""
-    return QParams(32, [bits], [1.0])
+    """The output head's option for ``--head-bits`` (one of 2, 3, 4, 5, 6, 8)."""
+    if bits not in HEAD_OPTIONS:
+        raise ValueError(f"--head-bits must be one of {sorted(HEAD_OPTIONS)}")
+    return HEAD_OPTIONS[bits]

@@ -38,7 +38,7 @@ from ..qparams import QParams
 from . import arch, calibration
 from .allocate import allocate
 from .job import Job
-from .options import OPTIONS, head_option
+from .options import HEAD_OPTIONS, OPTIONS, head_option
 
 SHARD_BYTES = 8 << 30  # exllamav2's default shard size (8192 MB)
 SKIP_COPY = (".safetensors", ".bin", ".pt", ".pth", ".index.json")
@@ -93,6 +93,8 @@ def quantize_model(s: Settings, progress=None, log: Callable[[str], None] = lamb
         raise ContainerError("already exists; choose another output folder or pass --overwrite", file=str(s.out))
     if not 2.0 <= s.bpw <= 8.5:
         raise Exl2Error(f"target {s.bpw} bpw is outside 2.0..8.5")
+    if s.head_bits not in HEAD_OPTIONS:
+        raise Exl2Error(f"--head-bits must be one of {sorted(HEAD_OPTIONS)} (exllamav2's head options)")
     text = calibration.read_text(s.calibration) if s.calibration else calibration.default_text()
     src = arch.load(s.src, s.device)
     layers = [Layer(k, m, i) for i, (p, b) in enumerate(src.blocks) for k, m in arch.linears(b, p).items()]
