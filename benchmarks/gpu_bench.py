@@ -2,97 +2,200 @@
 
 Times ``exl2.fast.matmul`` for 4096x4096, 4096x14336 and 14336x4096 layers (in x out) at 2.5,
 4.0 and 6.0 bpw for M = 1, 4, 16, 128, 2048 against torch float16 matmul of the same shape,
-reports the achieved memory bandwidth as a fraction of the device's peak, times quantize of one
-4096x14336 layer, and writes a markdown table.
+reports the achieved memory bandwidth as a fraction of the device's peak, checks the targets of
+issue 4, times each of the three matmul paths over M (the data to set ``GEMV_MAX_M`` and
+``MATMUL_CROSSOVER_M``), times quantize (round-to-nearest and GPTQ) of one 4096x14336 layer,
+and writes a markdown report.
 
     python benchmarks/gpu_bench.py --out results.md [--quick]
+    python benchmarks/gpu_bench.py --out smoke.md --cpu-smoke   # tiny shapes, Triton interpreter
+
+Layers are built from random codes on the device (no encoder run): the kernels' work does not
+depend on the values.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-import torch
+if "--cpu-smoke" in sys.argv:  # before torch and triton are imported
+    os.environ["TRITON_INTERPRET"] = "1"
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch  # noqa: E402
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from layers import random_layer  # noqa: E402
+from exl2 import QMatrix, QParams  # noqa: E402
 
-#: Peak memory bandwidth, bytes/s, by device-name substring (vendor figures).
-PEAK_BANDWIDTH = {"H200": 4.8e12, "H100 SXM": 3.35e12, "H100 PCIe": 2.0e12, "H100": 3.35e12, "A100-SXM4-80GB": 2.04e12,
-                  "A100 80GB": 1.94e12, "A100": 1.56e12, "L40S": 0.864e12, "RTX 4090": 1.008e12, "RTX 3090": 0.936e12,
+#: Peak memory bandwidth, bytes/s, by device-name substring, most specific first (vendor figures).
+PEAK_BANDWIDTH = {"H200": 4.8e12, "H100 SXM": 3.35e12, "H100 80GB HBM3": 3.35e12, "H100 PCIe": 2.0e12,
+                  "H100 NVL": 3.9e12, "H100": 3.35e12, "A100-SXM4-80GB": 2.04e12, "A100 80GB PCIe": 1.94e12,
+                  "A100": 1.56e12, "L40S": 0.864e12, "RTX 4090": 1.008e12, "RTX 3090": 0.936e12,
                   "MI300X": 5.3e12, "MI250": 3.2e12}
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]
-BPWS = [2.5, 4.0, 6.0]
 MS = [1, 4, 16, 128, 2048]
+#: Mixes near the three bitrates the issue names (the report gives the stored bits per weight).
+MIXES = {
+    2.5: QParams({3: 64, 2: 64}, [3, 2], [0.3, 0.7]),
+    4.0: QParams({5: 64, 4: 64, 3: 64}, [5, 4, 3], [0.2, 0.6, 0.2]),
+    6.0: QParams({8: 64, 6: 64, 5: 64}, [8, 6, 5], [0.1, 0.6, 0.3]),
+}
+#: M values of the path comparison (every path is timed at each).
+PATH_MS = [1, 2, 4, 8, 16, 32, 64, 128]
 
 
-def peak_bandwidth() -> tuple[float, str]:
+def random_layer(in_features: int, out_features: int, bpw: float, device: str, seed: int = 0) -> QMatrix:
+    """A valid layer of the mix for ``bpw``, from random codes, scales and permutation, built on ``device``."""
+    from exl2 import fast
+    from exl2.reference import pack
+
+    g = torch.Generator(device=device).manual_seed(seed)
+    plan = MIXES[bpw].plan(in_features).groups
+    codes = torch.cat([torch.randint(0, 1 << b, (n, out_features), generator=g, device=device) for b, _, n in plan])
+    qs = torch.randint(1, 17, (len(plan), out_features), generator=g, device=device)
+    smax = torch.rand(len(plan), generator=g, device=device) * 0.1 + 0.01
+    perm = torch.randperm(in_features, generator=g, device=device)
+    return pack(codes, plan, qs, smax, perm, out_features, pack_group=fast.pack_codes)
+
+
+def timer(device: str) -> Callable[[Callable[[], object]], float]:
+    """Median milliseconds of a call: ``triton.testing.do_bench`` (CUDA events, L2 flushed) on a
+    GPU, wall clock on the CPU (smoke runs only: interpreted kernels, meaningless figures)."""
+    if device == "cuda":
+        import triton.testing
+
+        return lambda fn: triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+    def wall(fn) -> float:
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(times)
+
+    return wall
+
+
+def peak_bandwidth(device: str, bench) -> tuple[float | None, str]:
+    """Bytes/s of the device: the vendor figure when the name is in the table, else a measured
+    device-to-device copy (read + write)."""
+    if device != "cuda":
+        return None, "CPU (Triton interpreter): smoke run, times are not performance figures"
     name = torch.cuda.get_device_name()
     for key, bw in PEAK_BANDWIDTH.items():
         if key in name:
             return bw, f"{name} (vendor peak {bw / 1e12:.2f} TB/s)"
-    # unknown device: measure a device-to-device copy
     a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
     b = torch.empty_like(a)
     ms = bench(lambda: b.copy_(a))
     bw = 2 * a.numel() / (ms / 1e3)
-    return bw, f"{name} (measured copy {bw / 1e12:.2f} TB/s)"
+    return bw, f"{name} (no table entry; measured copy {bw / 1e12:.2f} TB/s used as peak)"
 
 
-def bench(fn) -> float:
-    """Median milliseconds."""
-    import triton.testing
-
-    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-
-
-def layer_bytes(qm) -> int:
+def layer_bytes(qm: QMatrix) -> int:
+    """Bytes a product must read of the layer: every stored tensor once."""
     return sum(t.numel() * t.element_size() for t in (qm.q_weight, qm.q_scale, qm.q_scale_max, qm.q_invperm))
 
 
-def main() -> None:
-    from exl2 import QParams, fast
-
-    p = argparse.ArgumentParser()
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--quick", action="store_true", help="one shape, two M values (a smoke run)")
+    p.add_argument("--quick", action="store_true", help="one shape, M = 1 and 2048, no path sweep")
+    p.add_argument("--cpu-smoke", action="store_true", help="tiny shapes under Triton's interpreter (no GPU)")
     args = p.parse_args()
-    assert torch.cuda.is_available(), "gpu_bench.py needs a GPU"
-    peak, device = peak_bandwidth()
-    shapes, ms_list = (SHAPES[:1], [1, 2048]) if args.quick else (SHAPES, MS)
-    rows = []
+    from exl2 import fast
+    from exl2.fast import ops
+
+    device = "cpu" if args.cpu_smoke else "cuda"
+    if device == "cuda" and not torch.cuda.is_available():
+        print("gpu_bench.py needs a GPU (or --cpu-smoke)", file=sys.stderr)
+        return 2
+    bench = timer(device)
+    peak, device_line = peak_bandwidth(device, bench)
+    shapes, ms_list, path_ms = SHAPES, MS, PATH_MS
+    if args.quick:
+        shapes, ms_list, path_ms = SHAPES[:1], [1, 2048], []
+    if args.cpu_smoke:
+        shapes, ms_list, path_ms = [(128, 96)], [1, 4, 16, 40], [1, 8, 40]
+    frac = (lambda nbytes, ms: f"{nbytes / (ms / 1e3) / peak:.0%}") if peak else (lambda nbytes, ms: "n/a")
+
+    lines = [f"Device: {device_line}", f"torch {torch.__version__}", "",
+             "## exl2.fast.matmul against torch float16 matmul", "",
+             "| in x out | bpw (mix/stored) | M | exl2 fast (ms) | fp16 (ms) | speed-up | exl2 bandwidth / peak | "
+             "fp16 bandwidth / peak | dequantize (ms) | fp16 + dequantize (ms) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    verdicts = []
+    layers: dict[tuple[int, int, float], QMatrix] = {}
     for k, n in shapes:
-        w16 = torch.randn(k, n, device="cuda", dtype=torch.float16)
-        for bpw in BPWS:
-            qm = random_layer(k, n, bpw, device="cuda")
-            fast.dequantize(qm)  # compile, and check once
+        w16 = torch.randn(k, n, device=device, dtype=torch.float16)
+        for bpw in MIXES:
+            qm = layers[k, n, bpw] = random_layer(k, n, bpw, device)
+            fast.dequantize(qm)  # checks the layer once, compiles
             t_deq = bench(lambda: fast.dequantize(qm))
             for m in ms_list:
-                x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+                x = torch.randn(m, k, device=device, dtype=torch.float16)
                 t_q = bench(lambda: fast.matmul(x, qm))
                 t_h = bench(lambda: x @ w16)
                 moved = layer_bytes(qm) + x.numel() * 2 + m * n * 2
-                rows.append((k, n, bpw, m, qm.bits_per_weight, t_q, t_h, t_h / t_q, moved / (t_q / 1e3) / peak, t_deq))
-                print(rows[-1], flush=True)
-    w = torch.randn(14336, 4096, device="cuda")
-    t0 = time.perf_counter()
-    fast.quantize(w, QParams(64, [5, 4, 3], [0.2, 0.6, 0.2]))
-    torch.cuda.synchronize()
-    t_rtn = time.perf_counter() - t0
-    lines = [f"Device: {device}", "", "| in x out | bpw (target/stored) | M | exl2 fast (ms) | torch fp16 (ms) | speed-up | "
-             "bandwidth / peak | dequantize alone (ms) |", "|---|---|---:|---:|---:|---:|---:|---:|"]
-    for k, n, bpw, m, real, t_q, t_h, su, frac, t_deq in rows:
-        lines.append(f"| {k}x{n} | {bpw}/{real:.2f} | {m} | {t_q:.4f} | {t_h:.4f} | {su:.2f}x | {frac:.0%} | {t_deq:.4f} |")
-    lines += ["", f"Quantize (round-to-nearest, scale search + encode + pack) of one 4096x14336 layer: {t_rtn:.2f} s"]
+                moved_h = w16.numel() * 2 + x.numel() * 2 + m * n * 2
+                lines.append(f"| {k}x{n} | {bpw}/{qm.bits_per_weight:.2f} | {m} | {t_q:.4f} | {t_h:.4f} | "
+                             f"{t_h / t_q:.2f}x | {frac(moved, t_q)} | {frac(moved_h, t_h)} | {t_deq:.4f} | "
+                             f"{t_h + t_deq:.4f} |")
+                print(lines[-1], flush=True)
+                if bpw == 4.0 and m == 1 and peak:
+                    ok = t_h / t_q >= 3 and moved / (t_q / 1e3) / peak >= 0.7
+                    verdicts.append(f"- {k}x{n}, 4.0 bpw, M = 1: {t_h / t_q:.2f}x fp16, "
+                                    f"{moved / (t_q / 1e3) / peak:.0%} of peak: {'met' if ok else 'NOT met'} "
+                                    f"(target: >= 3x and >= 70 %)")
+                if m == max(ms_list) and peak:
+                    ok = t_q <= (t_h + t_deq) * 1.05
+                    verdicts.append(f"- {k}x{n}, {bpw} bpw, M = {m}: {t_q:.3f} ms vs fp16 + dequantize "
+                                    f"{t_h + t_deq:.3f} ms: {'met' if ok else 'NOT met'} (5 % timing slack)")
+        del w16
+    lines += ["", "## Targets (issue 4)", ""] + (verdicts or ["- not judged (no GPU)"])
+
+    if path_ms:
+        k, n = shapes[1] if len(shapes) > 1 else shapes[0]
+        qm = layers[k, n, 4.0]
+        lines += ["", f"## The three paths over M ({k}x{n}, 4.0 bpw; ms)", "",
+                  f"GEMV_MAX_M = {fast.GEMV_MAX_M}, MATMUL_CROSSOVER_M = {fast.MATMUL_CROSSOVER_M} now.", "",
+                  "| M | gemv | fused | dequantize + matmul |", "|---:|---:|---:|---:|"]
+        for m in path_ms:
+            x = torch.randn(m, k, device=device, dtype=torch.float16)
+            t_gemv = f"{bench(lambda: ops.gemv(x, qm)):.4f}" if m <= fast.GEMV_MAX_M else "-"
+            lines.append(f"| {m} | {t_gemv} | {bench(lambda: ops.fused_matmul(x, qm)):.4f} | "
+                         f"{bench(lambda: ops.dequantize_matmul(x, qm)):.4f} |")
+            print(lines[-1], flush=True)
+
+    k, n = (4096, 14336) if not args.cpu_smoke else (128, 96)
+    g = torch.Generator(device=device).manual_seed(1)
+    w = torch.randn(n, k, generator=g, device=device)
+    xs = torch.randn(2048 if not args.cpu_smoke else 256, k, generator=g, device=device)
+    h = xs.T @ xs / xs.shape[0]
+    lines += ["", f"## Quantize one {k}x{n} layer ({MIXES[4.0].desc()})", ""]
+    for label, hessian in (("round-to-nearest", None), ("GPTQ", h)):
+        fast.quantize(w[:64], MIXES[4.0], None if hessian is None else hessian)  # compile outside the timing
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fast.quantize(w, MIXES[4.0], hessian)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        lines.append(f"- {label}: {time.perf_counter() - t0:.2f} s")
+        print(lines[-1], flush=True)
+
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -27,7 +27,9 @@ class Exl2Linear(nn.Module):
     def qmatrix(self) -> QMatrix:
         """The layer's tensors as a QMatrix (rebuilt when the buffers were replaced, e.g. by
         ``load_state_dict`` or ``.to``)."""
-        key = tuple(getattr(self, n).data_ptr() for n in LAYER_TENSORS) + (self.q_weight.device,)
+        # in-place changes (load_state_dict copies into the buffers) bump a tensor's version
+        tensors = [getattr(self, n) for n in LAYER_TENSORS] + ([self.bias] if self.bias is not None else [])
+        key = tuple((t.data_ptr(), t._version) for t in tensors) + (self.q_weight.device,)
         cached = getattr(self, "_qm_cache", None)
         if cached is None or cached[0] != key:
             qm = QMatrix(*(getattr(self, n) for n in LAYER_TENSORS), bias=self.bias, out_features=self.out_features)
@@ -45,6 +47,16 @@ class Exl2Linear(nn.Module):
         else:
             from .reference import quantize
         return cls(quantize(w, qparams, hessian, bias=linear.bias))
+
+    def _apply(self, fn, recurse: bool = True):
+        """Moves between devices apply; dtype casts (``.half()``, ``.float()``, ``.to(dtype)``) do
+        not: the EXL2 tensors keep the file's dtypes (spec 3.1), and the output follows x's dtype."""
+
+        def keep_dtype(t: torch.Tensor) -> torch.Tensor:
+            out = fn(t)
+            return out if out.dtype == t.dtype else t.to(out.device)
+
+        return super()._apply(keep_dtype, recurse)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         qm = self.qmatrix

@@ -16,6 +16,7 @@ import torch
 
 from exl2 import QParams
 from exl2.conformance.findings import CATALOGUE
+from exl2.conformance.rules import check_layer, check_qmatrix
 from exl2.conformance.validate import Report, validate_path
 from exl2.io import save_tensors
 from exl2.reference import pack, quantize
@@ -82,11 +83,11 @@ def test_exllamav2_style_folder_validates_clean(valid, tmp_path):
 # -- one trigger per code -----------------------------------------------------------------
 
 
-def mutate_layer(fn):
+def mutate_layer(fn, config: dict | None = CONFIG):
     def run(folder: Path) -> None:
         t = llama_tensors()
         fn(t)
-        write(folder, t)
+        write(folder, t, config)
     return run
 
 
@@ -172,9 +173,16 @@ def set_(name, fn):
 
 
 def partial_block(t):
-    # one 3-bit group of 64 rows is 6 qrows (two 3-word blocks); keep 4 of them
-    replace_layer(small_layer([(3, 0, 64)], 64))(t)
-    t[KEY + ".q_weight"] = t[KEY + ".q_weight"][:4].clone()
+    # one 3-bit group of 96 rows is 9 qrows (three 3-word blocks); keep 7 of them
+    replace_layer(small_layer([(3, 0, 96)], 96, n=64))(t)
+    t[KEY + ".q_weight"] = t[KEY + ".q_weight"][:7].clone()
+
+
+def unaligned_groups(t):
+    # two 4-bit groups of 32 and 64 rows (4 + 8 qrows); moving the boundary to qrow 2 makes them
+    # 16 and 80 rows: whole blocks, the same total, but not multiples of 32
+    replace_layer(small_layer([(4, 0, 32), (4, 32, 64)], 96, n=64))(t)
+    t[KEY + ".q_groups"] = torch.tensor([4, 0, 4, 2], dtype=torch.int16)
 
 
 def d001(folder: Path) -> None:
@@ -206,7 +214,8 @@ TRIGGERS = {
     "EXL2-T001": (mutate_layer(lambda t: t.pop(KEY + ".q_scale")), KEY + ".q_scale"),
     "EXL2-T002": (mutate_layer(set_("q_scale_max", lambda x: x.float())), KEY + ".q_scale_max"),
     "EXL2-T003": (mutate_layer(set_("q_scale", lambda x: x[:1])), KEY + ".q_scale"),
-    "EXL2-T004": (mutate_layer(set_("q_weight", lambda x: x[:, :40])), KEY + ".q_weight"),
+    "EXL2-T004": (mutate_layer(lambda t: (set_("q_weight", lambda x: x[:, :40].clone())(t),
+                                          set_("q_scale", lambda x: x[:, :5].clone())(t)), config=None), KEY + ".q_weight"),
     "EXL2-T005": (mutate_layer(lambda t: t.__setitem__(KEY + ".bias", torch.zeros(10, dtype=torch.float16))),
                   KEY + ".bias"),
     "EXL2-G001": (mutate_layer(set_("q_groups", lambda x: x.index_fill(0, torch.tensor([0]), 7))), KEY + ".q_groups"),
@@ -214,10 +223,8 @@ TRIGGERS = {
         0, torch.tensor([1]), 0))), KEY + ".q_groups"),
     "EXL2-G003": (mutate_layer(set_("q_groups", lambda x: x.index_fill(0, torch.tensor([3]), 5000))), KEY + ".q_groups"),
     "EXL2-G004": (mutate_layer(partial_block), KEY + ".q_groups"),
-    "EXL2-G005": (mutate_layer(lambda t: (replace_layer(small_layer([(4, 0, 32), (4, 32, 32)], 64))(t),
-                                          t.__setitem__(KEY + ".q_groups", torch.tensor([4, 0, 4, 1], dtype=torch.int16)))),
-                  KEY + ".q_groups"),
-    "EXL2-G006": (mutate_layer(set_("q_invperm", lambda x: torch.arange(len(x) + 32, dtype=torch.int32))),
+    "EXL2-G005": (mutate_layer(unaligned_groups), KEY + ".q_groups"),
+    "EXL2-G006": (mutate_layer(set_("q_invperm", lambda x: torch.arange(len(x) + 32, dtype=torch.int32)), config=None),
                   KEY + ".q_groups"),
     "EXL2-G007": (mutate_layer(set_("q_groups", lambda x: x.index_fill(0, torch.tensor([3]), -3))), KEY + ".q_groups"),
     "EXL2-P001": (mutate_layer(set_("q_invperm", lambda x: x.index_fill(0, torch.tensor([0]), int(x[1])))),
@@ -231,6 +238,12 @@ TRIGGERS = {
     "EXL2-S004": (mutate_layer(padded_nibbles), "lm_head.q_scale"),
     "EXL2-D001": (d001, KEY + ".q_weight"),
 }
+
+
+#: Errors that necessarily come with a trigger's own code. A partial block (4.3) always leaves
+#: a row count that is not a multiple of 32 (4.4): 32 rows are whole blocks of every width; and
+#: the rows it drops no longer add up to in_features (4.6).
+CONSEQUENCES = {"EXL2-G004": {"EXL2-G005", "EXL2-G006"}}
 
 
 def test_every_code_has_a_trigger():
@@ -252,68 +265,185 @@ def test_trigger_reports_its_code(code, tmp_path, monkeypatch):
     assert hits[0].file is not None
     if tensor is not None:
         assert any(f.tensor == tensor for f in hits), [(f.tensor, f.message) for f in hits]
-    assert r.ok == (not any(f.severity == "error" for f in r.findings))
-    if CATALOGUE[code].severity == "error":
-        assert not r.ok
+    errors = {f.code for f in r.findings if f.severity == "error"}
+    expected = {code} | CONSEQUENCES.get(code, set()) if CATALOGUE[code].severity == "error" else set()
+    assert errors == expected, [(f.code, f.tensor, f.message) for f in r.findings]
+    assert r.ok == (not errors)
 
 
 def test_catalogue_matches_spec_findings_md():
     text = (Path(__file__).parents[1] / "spec" / "findings.md").read_text()
-    rows = re.findall(r"^\| `(EXL2-[A-Z]\d{3})` \| (error|warning|info) \| ([\d.]+) \|", text, flags=re.M)
-    assert {c: (s, sec) for c, s, sec in rows} == {c: (i.severity, i.section) for c, i in CATALOGUE.items()}
+    rows = re.findall(r"^\| `(EXL2-[A-Z]\d{3})` \| (error|warning|info) \| ([\d.]+) \| (.+) \|$", text, flags=re.M)
+    assert len(rows) == len({c for c, *_ in rows})  # no code twice
+    assert {c: (s, sec, t) for c, s, sec, t in rows} == {c: (i.severity, i.section, i.title) for c, i in CATALOGUE.items()}
+    bullets = re.findall(r"^- `(EXL2-[A-Z]\d{3})` \((error|warning|info), ([\d.]+)\) — (.+)$", text, flags=re.M)
+    assert {c: (s, sec, d) for c, s, sec, d in bullets} == {c: (i.severity, i.section, i.description)
+                                                            for c, i in CATALOGUE.items()}
 
 
-@pytest.mark.parametrize("corruption", ["truncate", "flip-header", "dtype", "shape", "groups", "invperm-dup"])
+def test_catalogue_codes_are_well_formed_and_cite_spec_sections():
+    spec = (Path(__file__).parents[1] / "spec" / "exl2.md").read_text()
+    for code, info in CATALOGUE.items():
+        assert re.fullmatch(r"EXL2-[CKTGPSD]\d{3}", code) and info.code == code
+        assert re.search(rf"^{re.escape(info.section)} \*\*", spec, flags=re.M), (code, info.section)
+
+
+@pytest.mark.parametrize("corruption", ["truncate", "flip-header", "flip-length", "dtype", "shape", "groups",
+                                        "invperm-dup"])
 def test_corrupted_copies_are_rejected_naming_the_tensor(valid, tmp_path, corruption):
     folder = tmp_path / "c"
     shutil.copytree(valid, folder)
     f = folder / "output.safetensors"
     header, data = header_of(f)
     name = KEY + ".q_groups"
+    last = max(header, key=lambda n: header[n]["data_offsets"][1] if n != "__metadata__" else -1)
+    expected = {"truncate": ("EXL2-C004", last), "flip-header": ("EXL2-C003", name), "flip-length": ("EXL2-C001", None),
+                "dtype": ("EXL2-T002", name), "shape": ("EXL2-C004", name), "groups": ("EXL2-G003", name),
+                "invperm-dup": ("EXL2-P001", KEY + ".q_invperm")}[corruption]
     if corruption == "truncate":
-        f.write_bytes(f.read_bytes()[:-1000])
-    elif corruption == "flip-header":
+        f.write_bytes(f.read_bytes()[:-1])
+    elif corruption in ("flip-header", "flip-length"):
         b = bytearray(f.read_bytes())
-        b[8 + 2] ^= 0xFF
+        if corruption == "flip-header":  # one bit of the q_groups entry's dtype: "I16" becomes "I36"
+            at = b.index(b'"I16"', b.index(name.encode())) + 2
+            b[at] ^= 0x02
+        else:
+            b[5] ^= 0x01  # a header length far beyond the file
         f.write_bytes(bytes(b))
-    elif corruption == "dtype":
+    elif corruption == "dtype":  # a valid container, a wrong layer dtype
         header[name]["dtype"] = "U16"
         raw_file(f, header, data)
     elif corruption == "shape":
-        header[name]["shape"] = [header[name]["shape"][0] // 2, 2]
+        header[name]["shape"] = [header[name]["shape"][0] // 2, 3]
         raw_file(f, header, data)
     else:
         t = llama_tensors()
         if corruption == "groups":
-            t[name][1] = 3
+            t[name][1] = 3  # first offset not 0
         else:
             t[KEY + ".q_invperm"][5] = t[KEY + ".q_invperm"][6]
         save_tensors(f, t)
     r = validate_path(folder)
     assert not r.ok
     errors = [x for x in r.findings if x.severity == "error"]
-    assert errors and all(x.file for x in errors)
-    if corruption in ("dtype", "shape", "groups"):
-        assert any(x.tensor == name for x in errors)
-    if corruption == "invperm-dup":
-        assert any(x.tensor == KEY + ".q_invperm" and x.code == "EXL2-P001" for x in errors)
+    assert all(x.file for x in errors)
+    assert expected in {(x.code, x.tensor) for x in errors}, [(x.code, x.tensor, x.message) for x in errors]
 
 
-def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "exl2.cli", "validate", *args], capture_output=True, text=True,
-                          timeout=120)
+def cli(*args: str):
+    """The command in-process (typer's runner: exit code, stdout and stderr apart)."""
+    from typer.testing import CliRunner
+
+    from exl2.cli import app
+
+    return CliRunner().invoke(app, ["validate", *args])
 
 
 def test_cli_exit_codes_and_json(valid, tmp_path):
     r = cli(str(valid), "--json")
-    assert r.returncode == 0, r.stdout[-2000:]
+    assert r.exit_code == 0, r.output[-2000:]
     report = Report.model_validate_json(r.stdout)
     assert report.ok and report.summary.layers == 8
+    schema = cli("--json-schema")
+    assert schema.exit_code == 0
+    props = json.loads(schema.stdout)
+    assert set(props["properties"]) == set(Report.model_fields) == set(json.loads(r.stdout))
+    r = cli(str(valid))
+    assert r.exit_code == 0 and "VALID" in r.stdout and "8 layer(s)" in r.stdout
+    broken = tmp_path / "broken"
+    TRIGGERS["EXL2-P001"][0](broken)
+    r = cli(str(broken), "--json")
+    assert r.exit_code == 1
+    assert any(f.code == "EXL2-P001" for f in Report.model_validate_json(r.stdout).findings)
+    r = cli(str(broken))
+    assert r.exit_code == 1 and "EXL2-P001" in r.stdout and "INVALID" in r.stdout
+    for args in ([str(tmp_path / "missing")], [], [str(tmp_path)]):  # no path, none given, no .safetensors in it
+        r = cli(*args)
+        assert r.exit_code == 2, (args, r.output)
+        assert r.exception is None or isinstance(r.exception, SystemExit), args
+        assert len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith("exl2: error:"), (args, r.stderr)
+    assert cli("--no-such-option").exit_code == 2
+
+
+def test_cli_garbage_without_traceback(tmp_path):
+    """End to end through the installed entry point: one process, garbage in, no traceback."""
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"\xff" * 50)
-    r = cli(str(bad))
+    r = subprocess.run([sys.executable, "-m", "exl2.cli", "validate", str(bad)], capture_output=True, text=True,
+                       timeout=120)
     assert r.returncode == 1 and "EXL2-C001" in r.stdout and "Traceback" not in r.stdout + r.stderr
-    r = cli(str(tmp_path / "missing"))
-    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "missing" in r.stderr
-    r = cli("--json-schema")
-    assert r.returncode == 0 and "findings" in json.loads(r.stdout)["properties"]
+
+
+# -- check_layer directly ------------------------------------------------------------------
+
+
+def test_check_layer_reports_every_broken_rule_at_once():
+    t = quantize(torch.randn(40, 64, generator=torch.Generator().manual_seed(2)), QP).to_tensors("L")
+    t["L.q_invperm"][0] = t["L.q_invperm"][1]                        # P001
+    t["L.q_scale_max"][0] = float("nan")                             # S001
+    g = t["L.q_groups"].view(-1, 2)
+    assert len(g) >= 2 and g[0, 0] > g[-1, 0]
+    t["L.q_groups"] = torch.stack([g[-1], g[0]] if len(g) == 2 else [g[-1], *g[1:-1], g[0]]).flatten()  # G002 (G003)
+    t["L.bias"] = torch.zeros(3, dtype=torch.float32)                # T005
+    found = {f.code for f in check_layer(t, "L")}
+    assert {"EXL2-P001", "EXL2-S001", "EXL2-G002", "EXL2-T005"} <= found
+
+
+def expected_bpw(qm) -> float:
+    """Stored bits per weight by spec 7.5, from the group table (not from tensor sizes)."""
+    q = sum(g.rows * g.bits // 32 for g in qm.groups)
+    g, n_pad, k, n = len(qm.groups), qm.out_features_padded, qm.in_features, qm.out_features
+    bits = 32 * q * n_pad + 4 * g * n_pad + 16 * g + 32 * g + 32 * k + (16 * n if qm.bias is not None else 0)
+    return bits / (k * n)
+
+
+def test_check_layer_bits_target():
+    qm = quantize(torch.randn(40, 128, generator=torch.Generator().manual_seed(3)), QP,
+                  bias=torch.randn(40, generator=torch.Generator().manual_seed(4)))
+    bpw = expected_bpw(qm)
+    # 4.5 bits over 64 stored columns for 40 real ones (7.2), plus scales, permutation (0.8) and bias
+    assert 7.5 < bpw < 9.0
+    assert not check_qmatrix(qm, bits_target=bpw + 0.29)
+    assert not check_qmatrix(qm, bits_target=bpw - 0.29)
+    hits = check_qmatrix(qm, "L", bits_target=bpw + 0.31)
+    assert [(f.code, f.severity, f.tensor) for f in hits] == [("EXL2-K005", "warning", "L.q_weight")]
+    assert f"{bpw:.3f}" in hits[0].message
+
+
+def test_deep_statistics_by_hand(tmp_path):
+    # every code one above the zero point, scale code 15 (qs = 16), q_scale_max 1: each real weight
+    # is 1 * half(16^2 * half(1 / 256)) = 1.0 exactly, padded columns 0 (spec 6.1-6.3)
+    for bits in (4, 8):
+        qm = pack(torch.full((64, 40), (1 << (bits - 1)) + 1), [(bits, 0, 64)], torch.full((1, 40), 16),
+                  torch.tensor([1.0]), torch.arange(64), 40)
+        t = qm.to_tensors("L")
+        save_tensors(tmp_path / "nobias.safetensors", t)  # N unknown: all 64 columns count
+        save_tensors(tmp_path / "bias.safetensors", t | {"L.bias": torch.zeros(40, dtype=torch.float16)})
+        (s,) = validate_path(tmp_path / "bias.safetensors", deep=True).layers
+        assert (s.min, s.max, s.mean, s.std, s.nonfinite, s.out_features) == (1.0, 1.0, 1.0, 0.0, 0, 40)
+        r = validate_path(tmp_path / "nobias.safetensors", deep=True)
+        assert r.ok, r.findings
+        (s,) = r.layers
+        n, p = 64 * 64, 40 / 64
+        assert (s.min, s.max, s.nonfinite, s.in_features, s.out_features) == (0.0, 1.0, 0, 64, 64)
+        assert s.mean == pytest.approx(p) and s.std == pytest.approx((p * (1 - p) * n / (n - 1)) ** 0.5)
+
+
+def test_progress_is_called_once_per_layer(valid):
+    seen = []
+
+    def progress(items, total, description):
+        for x in items:
+            seen.append((x, total, description))
+            yield x
+    r = validate_path(valid, progress=progress)
+    assert [x for x, *_ in seen] == [s.key for s in r.layers] and all(t == 8 for _, t, _ in seen)
+    assert validate_path(valid, progress=True).ok  # the terminal bar; silent when stderr is not a terminal
+
+
+def test_summary_counts_and_throughput(valid):
+    r = validate_path(valid)
+    assert r.summary.files == 1 and r.summary.bytes == (valid / "output.safetensors").stat().st_size
+    assert r.summary.layers_per_second > 0 and r.schema_version == 1
+    assert (r.summary.errors, r.summary.warnings, r.summary.infos) == tuple(
+        sum(f.severity == s for f in r.findings) for s in ("error", "warning", "info"))

@@ -62,6 +62,8 @@ LLAMA_LAYER = re.compile(r"^model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(ga
 
 
 def check_quantization_config(config: dict, file: str) -> tuple[list[Finding], QuantizationConfig | None]:
+    """``quantization_config`` against :class:`QuantizationConfig` (spec 2.1): a warning when
+    absent, an error for each invalid field; returns the parsed model when valid."""
     qc = config.get("quantization_config")
     if qc is None:
         return [finding("EXL2-K002", file=file, message="no quantization_config (exllamav2 does not need one, "
@@ -69,9 +71,12 @@ def check_quantization_config(config: dict, file: str) -> tuple[list[Finding], Q
     try:
         return [], QuantizationConfig.model_validate(qc)
     except ValidationError as e:
-        err = e.errors()[0]
-        where = ".".join(str(p) for p in err["loc"])
-        return [finding("EXL2-K003", file=file, message=f"quantization_config.{where}: {err['msg']}")], None
+        out = []
+        for err in e.errors()[:10]:
+            where = ".".join(str(p) for p in err["loc"])
+            out.append(finding("EXL2-K003", file=file, message=f"quantization_config{'.' if where else ''}{where}: "
+                                                              f"{err['msg']}"[:300]))
+        return out, None
 
 
 def llama_dims(config: dict) -> LlamaDims | None:

@@ -39,6 +39,7 @@ class ContainerCheck:
     path: Path
     findings: list[Finding]
     entries: list[Entry]
+    size: int = 0  #: bytes of the file (0 when it cannot be read)
 
     @property
     def ok(self) -> bool:
@@ -63,7 +64,7 @@ def check_file(path: Path) -> ContainerCheck:
         return out
 
     try:
-        size = path.stat().st_size
+        size = out.size = path.stat().st_size
         with open(path, "rb") as f:
             head = f.read(8)
             if len(head) < 8:

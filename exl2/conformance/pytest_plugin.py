@@ -1,37 +1,54 @@
-"""pytest plugin: run the EXL2 conformance suite against your own kernel in your own CI.
+"""pytest plugin: run the EXL2 conformance suite against your own kernel, in your own CI.
 
-Installed with the ``exl2`` package (entry point ``exl2_conformance``), so it is active in any
-pytest run. In your test file:
+Installed with the ``exl2`` package (entry point ``exl2_conformance``), so it is active in every
+pytest run where exl2 is installed. In a test file of your project:
 
     from exl2.conformance.pytest_plugin import conformance_test
 
-    test_exl2 = conformance_test("mypackage.kernels:dequantize")   # or a module with dequantize/matmul
+    test_exl2_conformance = conformance_test("mypackage.kernels")   # or "mypackage.kernels:dequantize"
 
-or leave the backend out and choose it on the command line: ``pytest --exl2-backend mypackage.kernels``.
-The test exports the vectors once per session, checks every positive vector bit for bit (and the
-matmul within the spec's bound when the backend has ``matmul``), runs hypothesis-generated layers
-against the reference, and fails with the list of failing features.
+The backend is named as for ``exl2 conformance run --backend`` (:mod:`exl2.conformance.harness`):
+a module or object with ``dequantize(qm)`` and optionally ``matmul(x, qm)``, ``load(tensors,
+prefix)``, ``DEVICE``; or ``MODULE:FUNCTION`` for a bare dequantize function. The test exports the
+vectors once per session (or uses ``--exl2-vectors DIR``), runs every vector and
+``--exl2-examples N`` hypothesis-generated layers, and fails with the list of failing features and
+their first failures.
 
-This module imports only pytest at import time, so it costs nothing in runs that do not use it.
+Options: ``--exl2-backend MODULE[:NAME]`` is used by ``conformance_test()`` called without a
+backend (which skips when neither is given); ``--exl2-vectors DIR`` uses an exported folder;
+``--exl2-examples N`` (default 25). Fixture: ``exl2_vectors``, the folder of the vectors.
+
+With plugin autoloading disabled (``PYTEST_DISABLE_PLUGIN_AUTOLOAD``), add
+``pytest_plugins = ["exl2.conformance.pytest_plugin"]`` to your conftest.py.
+
+This module imports nothing of exl2 at import time and registers nothing but the options and
+the fixture, so it costs nothing in runs that do not use it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    group = parser.getgroup("exl2", "EXL2 conformance")
-    group.addoption("--exl2-backend", default=None, metavar="MODULE[:FUNCTION]",
-                    help="implementation checked by conformance_test() (default: the one it names, else reference)")
-    group.addoption("--exl2-examples", type=int, default=25, help="hypothesis-generated layers per run")
+    group = parser.getgroup("exl2", "EXL2 conformance (exl2.conformance.pytest_plugin)")
+    group.addoption("--exl2-backend", default=None, metavar="MODULE[:NAME]",
+                    help="implementation checked by conformance_test() when it names none")
+    group.addoption("--exl2-vectors", default=None, metavar="DIR",
+                    help="exported conformance vectors to use (default: export once per session)")
+    group.addoption("--exl2-examples", type=int, default=25, metavar="N",
+                    help="hypothesis-generated layers per conformance test (default 25)")
 
 
 @pytest.fixture(scope="session")
-def exl2_vectors(tmp_path_factory: pytest.TempPathFactory):
-    """Path of the exported conformance vectors (exported once per session)."""
+def exl2_vectors(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Folder of the EXL2 conformance vectors: ``--exl2-vectors`` if given, else exported once per session."""
+    given = request.config.getoption("--exl2-vectors")
+    if given:
+        return Path(given)
     from .vectors import export
 
     directory = tmp_path_factory.mktemp("exl2-vectors") / "vectors"
@@ -39,16 +56,28 @@ def exl2_vectors(tmp_path_factory: pytest.TempPathFactory):
     return directory
 
 
-def conformance_test(backend: str | None = None, examples: int | None = None) -> Callable[..., None]:
-    """A test function checking ``backend`` (``MODULE`` or ``MODULE:FUNCTION``) against the suite."""
+def conformance_test(backend: str | None = None, examples: int | None = None,
+                     device: str | None = None) -> Callable[..., None]:
+    """A pytest test function that checks ``backend`` (``MODULE`` or ``MODULE:NAME``, as
+    ``exl2 conformance run --backend``) against the suite; assign it to a ``test_*`` name.
+    ``backend`` None: the ``--exl2-backend`` option, and a skip when that is not given either.
+    ``examples`` None: ``--exl2-examples``. ``device``: where layers go (default: the backend's)."""
 
-    def test_exl2_conformance(exl2_vectors, request: pytest.FixtureRequest) -> None:
+    def test_exl2_conformance(exl2_vectors: Path, request: pytest.FixtureRequest) -> None:
         from .harness import load_backend, run
 
-        spec = request.config.getoption("--exl2-backend") or backend or "reference"
+        spec = backend or request.config.getoption("--exl2-backend")
+        if not spec:
+            pytest.skip("no backend: pass conformance_test('MODULE[:NAME]') or --exl2-backend MODULE[:NAME]")
         n = examples if examples is not None else request.config.getoption("--exl2-examples")
-        results = run(load_backend(spec), exl2_vectors, n)
+        results = run(load_backend(spec, device), exl2_vectors, n)
         failed = {name: r.failures[:3] for name, r in sorted(results.items()) if r.failed}
-        assert not failed, f"{spec} fails EXL2 conformance features: {failed}"
+        if failed:
+            lines = [f"  {name}: {r.failed} failed, e.g. {failed[name][0]}" for name, r in sorted(results.items()) if r.failed]
+            pytest.fail(f"{spec} fails EXL2 conformance in {len(failed)} feature(s):\n" + "\n".join(lines),
+                        pytrace=False)
 
     return test_exl2_conformance
+
+
+__all__ = ["conformance_test", "exl2_vectors"]

@@ -1,168 +1,495 @@
 """Hypothesis strategies for EXL2 layers: public API for anyone testing a kernel or a port.
 
+    import torch
     from hypothesis import given
     from exl2.conformance.strategies import qmatrices
     from exl2.reference import dequantize
 
-    @given(qmatrices())
-    def test_my_kernel(qm):
-        assert (my_dequantize(qm).view(torch.int16) == dequantize(qm).view(torch.int16)).all()
+    @given(qmatrices(widths=(4, 3), max_out_features=256))
+    def test_my_dequantize(qm):
+        assert torch.equal(my_dequantize(qm).view(torch.int16), dequantize(qm).view(torch.int16))
 
-Layers are built directly from random codes, scale codes, maxima and permutations through
-:func:`exl2.reference.pack` (no encoder runs), so they are fast to generate and cover every
-feature of the format: each width, mixed widths in non-increasing order, 2-bit groups of 16,
-padded columns, a short last group, float16-subnormal group maxima, bias.
+Layers are built directly from pseudo-random codes, scale codes, maxima and permutations
+through :func:`exl2.reference.pack` (no encoder runs), so they are cheap to generate and reach
+every feature of the format (spec 3 to 6): each width, mixed widths in non-increasing order,
+2-bit groups of 16 rows, padded columns (``out_features`` not a multiple of 32), a last group
+shorter than the others, ``q_scale_max`` whose ``/256`` is a float16 subnormal, a bias.
+
+Hypothesis draws a :class:`LayerSpec` (the group plan, sizes, flags and a seed); the spec builds
+the tensors from a counter-based generator (:class:`Stream`) that gives the same numbers on every
+platform and every version of numpy or torch. The exported test vectors
+(:mod:`exl2.conformance.vectors`) are built the same way, which is why they are the same bytes
+everywhere.
+
+:func:`broken_layers` yields layers that break exactly one rule, each with the finding code the
+validator (:func:`exl2.conformance.check_layer`, spec/findings.md) reports for it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 
+import numpy as np
 import torch
 from hypothesis import strategies as st
 
-from ..format import WIDTHS, row_granule
+from ..format import BLOCKS, MAX_IN_FEATURES, WIDTHS, row_granule
 from ..qmatrix import QMatrix
 from ..reference.encode import pack
+
+# -- a generator that is the same everywhere --------------------------------------------------
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
+_MIX2 = np.uint64(0x94D049BB133111EB)
+
+
+class Stream:
+    """Pseudo-random numbers from splitmix64 over a counter: number ``i`` of seed ``s`` depends
+    only on ``(s, i)``, and on nothing of the platform or library versions.
+
+    >>> Stream(7).integers(0, 16, (2, 3)).shape
+    (2, 3)
+    """
+
+    def __init__(self, seed: int) -> None:
+        self.seed = np.uint64(seed % 2**64)
+        self.counter = 0
+
+    def words(self, n: int) -> np.ndarray:
+        """``n`` uniform 64-bit words (uint64)."""
+        i = np.arange(self.counter + 1, self.counter + n + 1, dtype=np.uint64)
+        self.counter += n
+        z = self.seed + i * _GOLDEN  # uint64 arrays wrap modulo 2^64, as splitmix64 wants
+        z = (z ^ (z >> np.uint64(30))) * _MIX1
+        z = (z ^ (z >> np.uint64(27))) * _MIX2
+        return z ^ (z >> np.uint64(31))
+
+    def integers(self, low: int, high: int, shape: int | tuple[int, ...]) -> np.ndarray:
+        """int64 values in ``[low, high)`` (``high - low`` well below 2^32, so the modulo bias is nil)."""
+        shape = (shape,) if isinstance(shape, int) else tuple(shape)
+        w = self.words(int(np.prod(shape, dtype=np.int64)))
+        return (w % np.uint64(high - low)).astype(np.int64).reshape(shape) + low
+
+    def permutation(self, n: int) -> np.ndarray:
+        """A permutation of ``0 .. n-1`` (int64): the stable argsort of ``n`` random words."""
+        return np.argsort(self.words(n), kind="stable").astype(np.int64)
+
+    def float16(self, shape: int | tuple[int, ...], scale: int) -> np.ndarray:
+        """float16 values ``k * 2^-scale`` with ``|k| <= 2^scale``, i.e. uniform on [-1, 1] on a grid
+        that float16 holds exactly (``scale`` <= 11)."""
+        k = self.integers(-(1 << scale), (1 << scale) + 1, shape)
+        return np.ldexp(k.astype(np.float64), -scale).astype(np.float16)
+
+
+# -- one layer ---------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class LayerSpec:
-    """Everything needed to build one layer; ``groups`` = ``(bits, first_row, rows)``."""
+    """Everything needed to build one layer.
 
-    groups: tuple[tuple[int, int, int], ...]
+    ``groups`` is the group plan ``((bits, rows), ...)`` in file order (widths non-increasing);
+    ``seed`` drives every value. ``subnormal``: group maxima below 2^-6, so ``q_scale_max / 256``
+    is a float16 subnormal (spec 6.1). ``act_order=False`` stores rows in input order (identity
+    permutation). ``q_perm``: :meth:`tensors` also writes the optional ``q_perm``.
+
+    >>> qm = LayerSpec(groups=((4, 64), (4, 32)), out_features=40, seed=1, bias=True).build()
+    >>> qm.in_features, qm.out_features, qm.out_features_padded
+    (96, 40, 64)
+    """
+
+    groups: tuple[tuple[int, int], ...]
     out_features: int
     seed: int
-    subnormal: bool
-    bias: bool
+    subnormal: bool = False
+    bias: bool = False
+    act_order: bool = True
+    q_perm: bool = False
 
     @property
     def in_features(self) -> int:
-        return sum(n for _, _, n in self.groups)
+        return sum(rows for _, rows in self.groups)
+
+    def plan(self) -> list[tuple[int, int, int]]:
+        """``(bits, first_row, rows)`` per group, as :func:`exl2.reference.pack` takes it."""
+        out, row = [], 0
+        for bits, rows in self.groups:
+            out.append((bits, row, rows))
+            row += rows
+        return out
 
     def build(self) -> QMatrix:
-        g = torch.Generator().manual_seed(self.seed)
-        k, n = self.in_features, self.out_features
-        codes = torch.cat([torch.randint(0, 1 << b, (rows, n), generator=g) for b, _, rows in self.groups])
-        scale_codes = torch.randint(1, 17, (len(self.groups), n), generator=g)
-        # maxima as a converter makes them: around 1e-3..1 for normal layers; below 2^-6 (so /256
-        # is a float16 subnormal) when asked
-        lo, hi = (-20.0, -7.0) if self.subnormal else (-10.0, 0.0)
-        smax = torch.exp2(torch.empty(len(self.groups)).uniform_(lo, hi, generator=g))
-        invperm = torch.randperm(k, generator=g)
-        bias = torch.randn(n, generator=g) if self.bias else None
-        return pack(codes, list(self.groups), scale_codes, smax, invperm, n, bias)
+        """The layer: codes uniform over ``0 .. 2^b - 1``, scale codes over 1..16, maxima
+        ``(1 + m/1024) * 2^e`` with ``e`` in -6..-1 (-20..-7 when ``subnormal``), a random
+        act-order permutation, a bias uniform on [-1, 1]; padded columns as spec 3.2 says."""
+        r = Stream(self.seed)
+        k, n, g = self.in_features, self.out_features, len(self.groups)
+        codes = np.concatenate([r.integers(0, 1 << bits, (rows, n)) for bits, rows in self.groups])
+        scale_codes = r.integers(1, 17, (g, n))
+        lo, hi = (-20, -6) if self.subnormal else (-6, 0)
+        exponent = r.integers(lo, hi, g)
+        mantissa = r.integers(0, 1024, g)
+        scale_max = np.ldexp((1024 + mantissa).astype(np.float64), exponent - 10).astype(np.float16)
+        invperm = r.permutation(k) if self.act_order else np.arange(k)
+        bias = torch.from_numpy(r.float16(n, 10)) if self.bias else None
+        return pack(torch.from_numpy(codes), self.plan(), torch.from_numpy(scale_codes),
+                    torch.from_numpy(scale_max), torch.from_numpy(invperm).to(torch.int32), n, bias)
+
+    def tensors(self, prefix: str = "layer") -> dict[str, torch.Tensor]:
+        """The layer's tensors under ``prefix`` (with ``q_perm`` when the spec asks for it)."""
+        qm = self.build()
+        out = qm.to_tensors(prefix)
+        if self.q_perm:
+            out[f"{prefix}.q_perm"] = qm.q_perm
+        return out
+
+
+def _usable_widths(widths: Sequence[int], max_in_features: int) -> tuple[int, ...]:
+    bad = [b for b in widths if b not in WIDTHS]
+    if not widths or bad:
+        raise ValueError(f"widths must be a non-empty subset of {WIDTHS}, got {list(widths)}")
+    if not 16 <= max_in_features <= MAX_IN_FEATURES:
+        raise ValueError(f"max_in_features must be in 16..{MAX_IN_FEATURES}, got {max_in_features}")
+    usable = tuple(b for b in widths if row_granule(b) <= max_in_features)
+    if not usable:
+        raise ValueError(f"no width of {list(widths)} fits in {max_in_features} rows (32 rows, 16 for 2-bit)")
+    return usable
+
+
+def layer_specs(widths: Sequence[int] = WIDTHS, max_in_features: int = 512, max_out_features: int = 96,
+                max_groups: int = 6, max_group_rows: int = 128, bias: bool | None = None,
+                subnormal: bool | None = None, q_perm: bool | None = False) -> st.SearchStrategy[LayerSpec]:
+    """A random valid :class:`LayerSpec`.
+
+    The layer has one group size (16, 32, 64 or 128 rows, at most ``max_group_rows``; 16 only for
+    2-bit groups, others round it up to 32, spec 4.4), 1 to ``max_groups`` groups of widths drawn
+    from ``widths`` in non-increasing order, and a last group of any multiple of the granule up to
+    the group size (a short tail, as exllamav2's group plans end). ``bias``, ``subnormal``,
+    ``q_perm``: force a feature on or off; None lets hypothesis choose.
+
+    Bad arguments raise ValueError at once.
+
+    >>> @given(layer_specs(widths=(2,), max_in_features=64))
+    ... def test_two_bit(spec): ...
+    """
+    usable = _usable_widths(widths, max_in_features)
+    if max_out_features < 1 or max_groups < 1:
+        raise ValueError("max_out_features and max_groups must be at least 1")
+    return _layer_specs(usable, max_in_features, max_out_features, max_groups, max_group_rows, bias, subnormal, q_perm)
 
 
 @st.composite
-def layer_specs(draw, widths: tuple[int, ...] = WIDTHS, max_groups: int = 4, max_group_rows: int = 64,
-                max_out_features: int = 80, subnormal: bool | None = None, bias: bool | None = None) -> LayerSpec:
-    """A random valid layer description. ``subnormal`` / ``bias`` force a feature on or off (None: either)."""
-    chosen = draw(st.lists(st.sampled_from(widths), min_size=1, max_size=max_groups))
-    chosen.sort(reverse=True)  # spec 4.2: non-increasing widths
-    groups, row = [], 0
-    for i, b in enumerate(chosen):
-        gran = row_granule(b)
-        rows = draw(st.integers(1, max(1, max_group_rows // gran))) * gran
-        groups.append((b, row, rows))
-        row += rows
+def _layer_specs(draw, usable: tuple[int, ...], max_in_features: int, max_out_features: int, max_groups: int,
+                 max_group_rows: int, bias: bool | None, subnormal: bool | None, q_perm: bool | None) -> LayerSpec:
+    chosen = sorted(draw(st.lists(st.sampled_from(usable), min_size=1, max_size=max_groups)), reverse=True)
+    size = draw(st.sampled_from([s for s in (16, 32, 64, 128) if s <= max(16, max_group_rows)]))
+    groups: list[tuple[int, int]] = []
+    budget = max_in_features
+    for i, bits in enumerate(chosen):
+        granule = row_granule(bits)
+        rows = max(granule, size // granule * granule)
+        if i == len(chosen) - 1:
+            rows = draw(st.integers(1, rows // granule)) * granule
+        rows = min(rows, budget // granule * granule)
+        if rows == 0:
+            break
+        groups.append((bits, rows))
+        budget -= rows
     return LayerSpec(
         groups=tuple(groups),
         out_features=draw(st.integers(1, max_out_features)),
-        seed=draw(st.integers(0, 2**31 - 1)),
+        seed=draw(st.integers(0, 2**32 - 1)),
         subnormal=draw(st.booleans()) if subnormal is None else subnormal,
         bias=draw(st.booleans()) if bias is None else bias,
+        q_perm=draw(st.booleans()) if q_perm is None else q_perm,
     )
 
 
-def qmatrices(**kwargs) -> st.SearchStrategy[QMatrix]:
-    """Valid QMatrix objects; keyword arguments as :func:`layer_specs`."""
-    return layer_specs(**kwargs).map(LayerSpec.build)
+def qmatrices(widths: Sequence[int] = WIDTHS, max_in_features: int = 512, max_out_features: int = 96,
+              max_groups: int = 6, max_group_rows: int = 128, bias: bool | None = None,
+              subnormal: bool | None = None) -> st.SearchStrategy[QMatrix]:
+    """Valid :class:`exl2.QMatrix` objects (arguments as :func:`layer_specs`).
+
+    >>> from hypothesis import given
+    >>> @given(qmatrices(widths=(8, 2), bias=True))
+    ... def test_padded_columns_decode_to_zero(qm):
+    ...     assert not dequantize(qm)[:, qm.out_features:].any()
+    """
+    return layer_specs(widths=widths, max_in_features=max_in_features, max_out_features=max_out_features,
+                       max_groups=max_groups, max_group_rows=max_group_rows, bias=bias,
+                       subnormal=subnormal, q_perm=False).map(LayerSpec.build)
 
 
-def layer_tensors(prefix: str = "layer", **kwargs) -> st.SearchStrategy[dict[str, torch.Tensor]]:
-    """Valid layers as a dict of tensors under ``prefix``."""
-    return qmatrices(**kwargs).map(lambda qm: qm.to_tensors(prefix))
+def layer_tensors(prefix: str = "layer", q_perm: bool | None = None, **kwargs) -> st.SearchStrategy[dict[str, torch.Tensor]]:
+    """Valid layers as the dict a file holds: ``{prefix}.q_weight`` ... (``{prefix}.bias`` and
+    ``{prefix}.q_perm`` when drawn). Other arguments as :func:`layer_specs`.
+
+    >>> @given(layer_tensors(prefix="model.layers.0.mlp.up_proj"))
+    ... def test_loader(tensors): ...
+    """
+    return layer_specs(q_perm=q_perm, **kwargs).map(lambda spec: spec.tensors(prefix))
 
 
 def matmul_inputs(qm: QMatrix, max_m: int = 64, dtype: torch.dtype = torch.float16) -> st.SearchStrategy[torch.Tensor]:
-    """Activations ``x`` ``[M, in_features]`` for ``qm``, M from 1 to ``max_m``."""
-    return st.tuples(st.integers(1, max_m), st.integers(0, 2**31 - 1)).map(
-        lambda ms: torch.randn(ms[0], qm.in_features, generator=torch.Generator().manual_seed(ms[1])).to(dtype))
+    """Activations ``x`` ``[M, in_features]`` for ``qm``, ``M`` from 1 to ``max_m``, values on
+    [-1, 1] (exact in float16 and bfloat16 alike), in ``dtype``.
+
+    >>> from exl2.reference import dequantize, matmul
+    >>> from exl2.reference.bounds import matmul_within_bound
+    >>> @given(data=st.data(), qm=qmatrices())
+    ... def test_matmul(data, qm):
+    ...     x = data.draw(matmul_inputs(qm))
+    ...     y_ref = matmul(x.float(), qm)  # float32 accumulation, float32 out
+    ...     assert matmul_within_bound(my_matmul(x, qm), y_ref, x, dequantize(qm), qm.bias)
+    """
+    def build(m_seed: tuple[int, int]) -> torch.Tensor:
+        m, seed = m_seed
+        return torch.from_numpy(Stream(seed).float16((m, qm.in_features), 7)).to(dtype)
+
+    return st.tuples(st.integers(1, max_m), st.integers(0, 2**32 - 1)).map(build)
 
 
-# -- mutations that break exactly one rule --------------------------------------------------
+# -- layers that break exactly one rule ---------------------------------------------------------
 
-Mutation = Callable[[dict[str, torch.Tensor], str], None]
+Tensors = dict[str, torch.Tensor]
 
 
-def _set(name: str, fn: Callable[[torch.Tensor], torch.Tensor]) -> Mutation:
-    def m(t: dict[str, torch.Tensor], p: str) -> None:
+@dataclass(frozen=True)
+class Mutation:
+    """A change to a valid layer that breaks one rule: ``apply(tensors, prefix)`` edits the dict in
+    place; ``prepare`` first adjusts the spec so the rule can be broken there (e.g. adds padded
+    columns for the padding rules). ``code`` is the finding the validator reports; ``exclusive``
+    says it is the only error (False only where another rule must break with it)."""
+
+    code: str
+    name: str
+    apply: Callable[[Tensors, str], None]
+    prepare: Callable[[LayerSpec], LayerSpec] = lambda spec: spec
+    exclusive: bool = True
+
+
+def _edit(name: str, fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[Tensors, str], None]:
+    def apply(t: Tensors, p: str) -> None:
         t[f"{p}.{name}"] = fn(t[f"{p}.{name}"].clone())
-    return m
+    return apply
 
 
-def _first(value: float | int) -> Callable[[torch.Tensor], torch.Tensor]:
-    def f(x: torch.Tensor) -> torch.Tensor:
-        x[0] = value
+def _drop(name: str) -> Callable[[Tensors, str], None]:
+    def apply(t: Tensors, p: str) -> None:
+        del t[f"{p}.{name}"]
+    return apply
+
+
+def _set_at(index: int, value: float | int) -> Callable[[torch.Tensor], torch.Tensor]:
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        x[index] = value
         return x
-    return f
+    return fn
 
 
-def _pad_codes(t: dict[str, torch.Tensor], p: str) -> None:
+def _two_groups(spec: LayerSpec) -> LayerSpec:
+    """At least two groups (a 2-bit tail can follow any width)."""
+    return spec if len(spec.groups) > 1 else replace(spec, groups=spec.groups + ((2, 16),))
+
+
+def _two_widths(spec: LayerSpec) -> LayerSpec:
+    """Groups 0 and 1 of different widths."""
+    g = spec.groups
+    if len(g) > 1 and g[0][0] != g[1][0]:
+        return spec
+    if g[0][0] != 8:
+        return replace(spec, groups=((8, 32),) + g)
+    return replace(spec, groups=((8, 32), (6, 32)) + tuple(x for x in g if x[0] <= 6))
+
+
+def _same_width_pair(spec: LayerSpec) -> LayerSpec:
+    """Groups 0 and 1 both 8-bit, 32 rows (blocks of 4 rows: moving one changes rows by 4)."""
+    return replace(spec, groups=((8, 32), (8, 32)) + spec.groups)
+
+
+def _padded(spec: LayerSpec) -> LayerSpec:
+    """A bias and out_features not a multiple of 32, so the padded columns are known (spec 3.2)."""
+    n = spec.out_features if spec.out_features % 32 else spec.out_features - 1
+    return replace(spec, bias=True, out_features=n)
+
+
+def _split_block(index: int) -> Callable[[Tensors, str], None]:
+    """Moves the boundary between groups ``index`` and ``index + 1`` (of one width) back by one
+    block: both stay whole blocks and the total is unchanged, but group ``index`` is no longer a
+    multiple of 32 rows (spec 4.4)."""
+    def apply(t: Tensors, p: str) -> None:
+        g = t[f"{p}.q_groups"].clone()
+        bits = int(g[2 * index])
+        g[2 * index + 3] -= BLOCKS[bits].words
+        t[f"{p}.q_groups"] = g
+    return apply
+
+
+def _partial_last_block(t: Tensors, p: str) -> None:
+    """Drops the last word row of the last group (3-, 5- or 6-bit, so a block spans several
+    words) and shortens q_invperm to the rows its qrows now imply: the group is no longer whole
+    blocks (4.3), hence not a multiple of 32 rows either (4.4)."""
+    qw, g = t[f"{p}.q_weight"], t[f"{p}.q_groups"]
+    bits, last = int(g[-2]), int(g[-1])
+    rows_before = _rows_before_last(g, qw.shape[0])
+    t[f"{p}.q_weight"] = qw[:-1].clone()
+    k = rows_before + (qw.shape[0] - 1 - last) * 32 // bits
+    t[f"{p}.q_invperm"] = torch.arange(k, dtype=torch.int32)
+    t.pop(f"{p}.q_perm", None)
+
+
+def _rows_before_last(g: torch.Tensor, qrows: int) -> int:
+    pairs = g.to(torch.int64).view(-1, 2).tolist()
+    ends = [q for _, q in pairs[1:]] + [qrows]
+    return sum((end - q) * 32 // b for (b, q), end in zip(pairs[:-1], ends[:-1]))
+
+
+def _last_group_multiword(spec: LayerSpec) -> LayerSpec:
+    """The last group 3-, 5- or 6-bit (blocks of several words): a 3-bit group of 32 rows is
+    appended when it is not (after dropping 2-bit groups, which must come last)."""
+    if spec.groups[-1][0] in (6, 5, 3):
+        return spec
+    return replace(spec, groups=tuple(x for x in spec.groups if x[0] > 3) + ((3, 32),))
+
+
+def _narrow_columns(t: Tensors, p: str) -> None:
+    """q_weight and q_scale 16 columns narrower (no longer a multiple of 32, spec 3.2); the bias
+    goes, so that its length does not break a second rule."""
+    qw, qs = t[f"{p}.q_weight"], t[f"{p}.q_scale"]
+    cols = qw.shape[1] - 16
+    t[f"{p}.q_weight"] = qw[:, :cols].clone()
+    t[f"{p}.q_scale"] = qs[:, : cols // 8].clone()
+    t.pop(f"{p}.bias", None)
+
+
+def _zero_padded_codes(t: Tensors, p: str) -> None:
+    """Every code of the padded columns becomes 0 instead of the zero point."""
     n = t[f"{p}.bias"].numel()
     w = t[f"{p}.q_weight"].clone()
-    w[:, n:] = 0  # every packed code of the padded columns becomes 0, not the zero point
+    w[:, n:] = 0
     t[f"{p}.q_weight"] = w
 
 
-def _extend_invperm(t: dict[str, torch.Tensor], p: str) -> None:
-    k = t[f"{p}.q_invperm"].numel()
-    t[f"{p}.q_invperm"] = torch.arange(k + 32, dtype=torch.int32)
+def _padded_nibble(t: Tensors, p: str) -> None:
+    """The last column's scale nibble (a padded column) becomes 0 instead of 0xF."""
+    s = t[f"{p}.q_scale"].clone()
+    s[:, -1] &= 0x0FFFFFFF
+    t[f"{p}.q_scale"] = s
 
 
-def _duplicate_invperm(t: dict[str, torch.Tensor], p: str) -> None:
-    x = t[f"{p}.q_invperm"].clone()
-    x[0] = x[1]
-    t[f"{p}.q_invperm"] = x
+def _resize_invperm(delta: int) -> Callable[[Tensors, str], None]:
+    def apply(t: Tensors, p: str) -> None:
+        k = t[f"{p}.q_invperm"].numel()
+        t[f"{p}.q_invperm"] = torch.arange(k + delta, dtype=torch.int32)
+    return apply
 
 
-def _wrong_perm(t: dict[str, torch.Tensor], p: str) -> None:
+def _wrong_q_perm(t: Tensors, p: str) -> None:
     inv = t[f"{p}.q_invperm"].to(torch.int64)
     t[f"{p}.q_perm"] = torch.argsort(inv).roll(1).to(torch.int32)
 
 
-def _swap_widths(t: dict[str, torch.Tensor], p: str) -> None:
+def _int16_q_perm(t: Tensors, p: str) -> None:
+    inv = t[f"{p}.q_invperm"].to(torch.int64)
+    t[f"{p}.q_perm"] = torch.argsort(inv).to(torch.int16)
+
+
+def _swap_first_widths(t: Tensors, p: str) -> None:
     g = t[f"{p}.q_groups"].clone()
     g[0], g[2] = g[2].clone(), g[0].clone()
     t[f"{p}.q_groups"] = g
 
 
-#: code -> (mutation, requirement on the layer spec)
-MUTATIONS: dict[str, tuple[Mutation, Callable[[LayerSpec], bool]]] = {
-    "EXL2-T001": (lambda t, p: t.pop(f"{p}.q_scale_max"), lambda s: True),
-    "EXL2-T002": (_set("q_scale_max", lambda x: x.float()), lambda s: True),
-    "EXL2-T003": (_set("q_scale_max", lambda x: torch.cat([x, x[:1]])), lambda s: True),
-    "EXL2-T005": (_set("bias", lambda x: x.float()), lambda s: s.bias),
-    "EXL2-G001": (_set("q_groups", _first(7)), lambda s: True),
-    "EXL2-G002": (_swap_widths, lambda s: len(s.groups) > 1 and s.groups[0][0] != s.groups[1][0]),
-    "EXL2-G003": (_set("q_groups", lambda x: x.index_fill(0, torch.tensor([1]), 1)), lambda s: True),
-    "EXL2-G006": (_extend_invperm, lambda s: True),
-    "EXL2-P001": (_duplicate_invperm, lambda s: True),
-    "EXL2-P002": (_wrong_perm, lambda s: True),
-    "EXL2-S001": (_set("q_scale_max", _first(-1.0)), lambda s: True),
-    "EXL2-S003": (_pad_codes, lambda s: s.bias and s.out_features % 32 != 0),
-}
+def _last_offset_at_end(t: Tensors, p: str) -> None:
+    g = t[f"{p}.q_groups"].clone()
+    g[-1] = t[f"{p}.q_weight"].shape[0]
+    t[f"{p}.q_groups"] = g
+
+
+def _bias_2d(x: torch.Tensor) -> torch.Tensor:
+    return x[None, :]
+
+
+def _bias_too_long(x: torch.Tensor) -> torch.Tensor:
+    return torch.cat([x, torch.zeros(32 - x.numel() % 32 + 1, dtype=x.dtype)])
+
+
+#: Every mutation, in a fixed order. Each breaks one rule of spec 3 to 6 and the validator reports
+#: its ``code``; with ``exclusive`` it is the only error (``EXL2-G004`` always brings ``EXL2-G005``:
+#: a group that is not whole blocks is not a multiple of 32 rows either, spec 4.4).
+MUTATIONS: tuple[Mutation, ...] = (
+    *(Mutation("EXL2-T001", f"no-{n}", _drop(n)) for n in ("q_weight", "q_scale", "q_scale_max", "q_groups", "q_invperm")),
+    Mutation("EXL2-T002", "q-scale-max-float32", _edit("q_scale_max", lambda x: x.float())),
+    Mutation("EXL2-T002", "q-groups-int32", _edit("q_groups", lambda x: x.int())),
+    Mutation("EXL2-T002", "q-invperm-int64", _edit("q_invperm", lambda x: x.long())),
+    Mutation("EXL2-T003", "q-scale-max-one-too-many", _edit("q_scale_max", lambda x: torch.cat([x, x[:1]]))),
+    Mutation("EXL2-T003", "q-groups-odd-length", _edit("q_groups", lambda x: x[:-1])),
+    Mutation("EXL2-T003", "q-scale-extra-row", _edit("q_scale", lambda x: torch.cat([x, x[:1]]))),
+    Mutation("EXL2-T004", "columns-not-multiple-of-32", _narrow_columns),
+    Mutation("EXL2-T005", "bias-float32", _edit("bias", lambda x: x.float()), lambda s: replace(s, bias=True)),
+    Mutation("EXL2-T005", "bias-2d", _edit("bias", _bias_2d), lambda s: replace(s, bias=True)),
+    Mutation("EXL2-T005", "bias-longer-than-columns", _edit("bias", _bias_too_long), lambda s: replace(s, bias=True)),
+    Mutation("EXL2-G001", "width-7", _edit("q_groups", _set_at(0, 7))),
+    Mutation("EXL2-G001", "width-0", _edit("q_groups", _set_at(0, 0))),
+    Mutation("EXL2-G002", "widths-increase", _swap_first_widths, lambda s: _two_widths(s)),
+    Mutation("EXL2-G003", "first-offset-not-0", _edit("q_groups", _set_at(1, 1))),
+    Mutation("EXL2-G003", "offsets-repeat", _edit("q_groups", _set_at(3, 0)), _two_groups),
+    Mutation("EXL2-G003", "offset-past-end", _last_offset_at_end, _two_groups),
+    Mutation("EXL2-G004", "partial-block", _partial_last_block, _last_group_multiword, exclusive=False),
+    Mutation("EXL2-G005", "group-of-28-rows", _split_block(0), _same_width_pair),
+    Mutation("EXL2-G006", "in-features-too-large", _resize_invperm(32)),
+    Mutation("EXL2-G006", "in-features-too-small", _resize_invperm(-16), _two_groups),
+    Mutation("EXL2-G007", "offset-negative-as-int16", _edit("q_groups", _set_at(1, -32768))),
+    Mutation("EXL2-P001", "q-invperm-repeats", _edit("q_invperm", lambda x: x.index_copy(0, torch.tensor([0]), x[1:2]))),
+    Mutation("EXL2-P001", "q-invperm-out-of-range", _edit("q_invperm", lambda x: _set_at(0, x.numel())(x))),
+    Mutation("EXL2-P002", "q-perm-not-inverse", _wrong_q_perm),
+    Mutation("EXL2-P002", "q-perm-int16", _int16_q_perm),
+    Mutation("EXL2-S001", "q-scale-max-negative", _edit("q_scale_max", _set_at(0, -1.0))),
+    Mutation("EXL2-S001", "q-scale-max-zero", _edit("q_scale_max", _set_at(0, 0.0))),
+    Mutation("EXL2-S001", "q-scale-max-inf", _edit("q_scale_max", _set_at(0, float("inf")))),
+    Mutation("EXL2-S001", "q-scale-max-nan", _edit("q_scale_max", _set_at(0, float("nan")))),
+    Mutation("EXL2-S003", "padded-codes-zero", _zero_padded_codes, _padded),
+    Mutation("EXL2-S004", "padded-scale-nibble-0", _padded_nibble, _padded),
+)
+
+
+def mutations(code: str | None = None) -> list[Mutation]:
+    """The mutations of :data:`MUTATIONS`, all or those of one ``code``."""
+    return [m for m in MUTATIONS if code is None or m.code == code]
+
+
+def broken(spec: LayerSpec, mutation: Mutation, prefix: str = "layer") -> Tensors:
+    """The tensors of ``spec`` (prepared for ``mutation``) with ``mutation`` applied."""
+    tensors = mutation.prepare(replace(spec, q_perm=False)).tensors(prefix)
+    mutation.apply(tensors, prefix)
+    return tensors
 
 
 @st.composite
-def broken_layers(draw, prefix: str = "layer", codes: tuple[str, ...] | None = None) -> tuple[dict[str, torch.Tensor], str]:
-    """``(tensors, code)``: a valid layer with one mutation that breaks exactly the rule ``code``
-    names (the validator reports that code as its only error)."""
-    code = draw(st.sampled_from(sorted(codes or MUTATIONS)))
-    mutation, needs = MUTATIONS[code]
-    spec = draw(layer_specs(bias=True).filter(needs))
-    tensors = spec.build().to_tensors(prefix)
-    mutation(tensors, prefix)
-    return tensors, code
+def broken_layers(draw, prefix: str = "layer", codes: Sequence[str] | None = None,
+                  **spec_kwargs) -> tuple[Tensors, str]:
+    """``(tensors, code)``: a random valid layer (as :func:`layer_tensors`) with one mutation of
+    :data:`MUTATIONS` that breaks exactly the rule ``code`` names: the validator reports ``code``
+    and no other error (``code`` itself may be a warning: ``EXL2-S004``). ``EXL2-G004`` is left
+    out unless ``codes`` asks for it, as it cannot come alone (see :data:`MUTATIONS`). Other
+    keyword arguments go to :func:`layer_specs` (defaults: ``max_in_features=256``,
+    ``max_out_features=80``, ``max_groups=4``).
+
+    >>> @given(broken_layers())
+    ... def test_my_loader_refuses(case):
+    ...     tensors, code = case
+    ...     with pytest.raises(MyFormatError):
+    ...         my_load(tensors, "layer")
+    """
+    wanted = [m for m in MUTATIONS if (m.code in codes if codes else m.exclusive)]
+    if not wanted:
+        raise ValueError(f"no mutation for codes {codes}")
+    mutation = draw(st.sampled_from(wanted))
+    spec = draw(layer_specs(**({"max_in_features": 256, "max_out_features": 80, "max_groups": 4} | spec_kwargs)))
+    return broken(spec, mutation, prefix), mutation.code
+
+
+__all__ = ["LayerSpec", "MUTATIONS", "Mutation", "Stream", "broken", "broken_layers", "layer_specs", "layer_tensors",
+           "matmul_inputs", "mutations", "qmatrices"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 import time
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -17,14 +18,17 @@ from ..io import Model, config_path, shard_files
 from ..qmatrix import QMatrix
 from ..reference import dequantize
 from .config import check_float_shape, check_layer_shape, check_quantization_config, llama_dims
-from .container import check_file
+from .container import ContainerCheck, check_file
 from .findings import Finding, finding
-from .rules import check_layer
+from .rules import BPW_TOLERANCE, check_layer
 
+#: Version of the JSON report (``Report``); bumped when a field changes meaning or disappears.
 SCHEMA_VERSION = 1
+#: Shard names exllamav2's converter writes (spec 2.2).
 SHARD_NAME = re.compile(r"^output(-\d{5}-of-\d{5})?\.safetensors$")
-#: |achieved - target| bits per weight above which EXL2-K005 is reported.
-BPW_TOLERANCE = 0.3
+
+
+ProgressFn = Callable[[Iterable[str], int, str], Iterator[str]]
 
 
 class LayerStats(BaseModel):
@@ -68,24 +72,35 @@ class Report(BaseModel):
     layers: list[LayerStats]
 
 
-def validate_path(path: str | Path, *, deep: bool = False, progress=None) -> Report:
-    """Validate a model folder or a ``.safetensors`` file. ``progress`` wraps the layer iterator
-    (``progress(items, total, description)``) when given."""
+def validate_path(path: str | Path, *, deep: bool = False, progress: bool | ProgressFn = False) -> Report:
+    """Validate a model folder or a ``.safetensors`` file (spec 2 to 7).
+
+    Container checks come first, on header bytes only; a file failing them is never opened with
+    safe_open. Layers are then read and checked one at a time (memory: about one layer). With
+    ``deep``, every valid layer is decoded with the reference and checked for NaN/Inf.
+    ``progress``: True for a progress bar on a terminal (:func:`exl2.cli.common.progress`), or a
+    function ``progress(items, total, description)`` wrapping the layer iterator.
+    Never raises for bad content; raises :class:`exl2.ContainerError` only when there is nothing
+    to validate (a missing path, a folder without .safetensors files, another file type)."""
     start = time.perf_counter()
     path = Path(path)
     files = shard_files(path)
     findings: list[Finding] = []
+    if progress is True:
+        from ..cli.common import progress as bar
+        progress = bar
 
+    checks: dict[Path, ContainerCheck] = {}
     good = []
     for f in files:
-        check = check_file(f)
+        check = checks[f] = check_file(f)
         findings += check.findings
         if check.ok:
             good.append(f)
         if path.is_dir() and not SHARD_NAME.match(f.name):
             findings.append(finding("EXL2-C008", file=str(f), message="exllamav2 writes output.safetensors or "
                                                                       "output-NNNNN-of-NNNNN.safetensors"))
-    good = _drop_duplicates(good, findings)
+    good = _drop_duplicates(good, checks, findings)
     config, cfg_findings = _read_config(path)
     findings += cfg_findings
     qc = None
@@ -93,54 +108,35 @@ def validate_path(path: str | Path, *, deep: bool = False, progress=None) -> Rep
         qc_findings, qc = check_quantization_config(config, str(config_path(path)))
         findings += qc_findings
     if path.is_dir():
-        findings += _check_index(path, files)
+        findings += _check_index(path, files, checks)
 
-    model = Model(path, files=good)
+    try:
+        model = Model(path, files=good)
+    except Exl2Error as e:  # only if a file changed since its container check
+        findings.append(finding("EXL2-C009", file=e.file, tensor=e.tensor, message=e.message))
+        model = Model(path, files=[])
     dims = llama_dims(config) if config else None
     layers: list[LayerStats] = []
-    q_bits = q_weights = 0
+    bits = _BitCount()
     keys = model.layer_keys()
     for key in (progress(keys, len(keys), "validate") if progress else keys):
         file = str(model.tensors[key + ".q_weight"].file)
-        out_features = None
-        if dims is not None:
-            qw, inv = model.tensors[key + ".q_weight"], model.tensors.get(key + ".q_invperm")
-            if inv is not None and len(qw.shape) == 2 and len(inv.shape) == 1:
-                shape_findings, out_features = check_layer_shape(dims, key, inv.shape[0], qw.shape[1], file)
-                findings += shape_findings
-        tensors = {}
-        for name in model.layer_tensor_names(key):
-            try:
-                tensors[name] = model[name]
-            except Exl2Error as e:
-                findings.append(finding("EXL2-C009", file=e.file, tensor=name, message=e.message))
-        layer_findings = check_layer(tensors, key, file=file, out_features=out_features)
-        findings += layer_findings
-        if any(f.severity == "error" for f in layer_findings):
-            continue
         try:
-            qm = QMatrix.from_tensors(tensors, key, out_features=out_features)
-        except Exl2Error:  # pragma: no cover - check_layer found nothing, so QMatrix accepts it
-            continue
-        stats = LayerStats(key=key, in_features=qm.in_features, out_features=qm.out_features, bpw=qm.bits_per_weight)
-        if key != "lm_head":
-            q_bits += qm.storage_bits()
-            q_weights += qm.in_features * qm.out_features
-        if deep:
-            _decode_stats(qm, stats, findings, file, key)
-        layers.append(stats)
-        del tensors, qm
+            findings += _check_one_layer(model, key, file, dims, deep, layers, bits)
+        except Exception as e:  # a bug of ours: report it as a finding rather than crash (never expected)
+            findings.append(finding("EXL2-C009", file=file, tensor=key,
+                                    message=f"internal error while checking this layer (please report): {e!r}"[:300]))
 
     if dims is not None:
         for name, info in model.tensors.items():
             findings += check_float_shape(dims, name, info.shape, str(info.file))
-    bpw = q_bits / q_weights if q_weights else None
+    bpw = bits.stored / bits.weights if bits.weights else None
     if bpw is not None and qc is not None and abs(bpw - qc.bits) > BPW_TOLERANCE:
         findings.append(finding("EXL2-K005", file=str(config_path(path)),
                                 message=f"layers average {bpw:.3f} bits per weight, quantization_config.bits is {qc.bits}"))
 
     seconds = time.perf_counter() - start
-    nbytes = sum(f.stat().st_size for f in files)
+    nbytes = sum(checks[f].size for f in files)
     count = {s: sum(f.severity == s for f in findings) for s in ("error", "warning", "info")}
     summary = Summary(errors=count["error"], warnings=count["warning"], infos=count["info"], layers=len(keys),
                       files=len(files), bpw=bpw, target_bpw=qc.bits if qc else None, seconds=seconds, bytes=nbytes,
@@ -150,12 +146,55 @@ def validate_path(path: str | Path, *, deep: bool = False, progress=None) -> Rep
                   summary=summary, findings=findings, layers=layers)
 
 
-def _drop_duplicates(files: list[Path], findings: list[Finding]) -> list[Path]:
-    """Files whose tensor names are not already in an earlier file (EXL2-C006 for the rest)."""
+class _BitCount:
+    """Stored bits and weights of the quantized layers, lm_head excluded (spec 7.5)."""
+
+    def __init__(self) -> None:
+        self.stored = 0
+        self.weights = 0
+
+
+def _check_one_layer(model: Model, key: str, file: str, dims, deep: bool, layers: list[LayerStats],
+                     bits: _BitCount) -> list[Finding]:
+    """The findings of one layer: its shape against config.json, every rule of
+    :func:`check_layer`, and with ``deep`` its decoded values. A valid layer adds its statistics to
+    ``layers`` and its bits to ``bits``. Only this layer's tensors are in memory."""
+    findings: list[Finding] = []
+    out_features = None
+    if dims is not None:
+        qw, inv = model.tensors[key + ".q_weight"], model.tensors.get(key + ".q_invperm")
+        if inv is not None and len(qw.shape) == 2 and len(inv.shape) == 1:
+            shape_findings, out_features = check_layer_shape(dims, key, inv.shape[0], qw.shape[1], file)
+            findings += shape_findings
+    tensors = {}
+    for name in model.layer_tensor_names(key):
+        try:
+            tensors[name] = model[name]
+        except Exl2Error as e:
+            findings.append(finding("EXL2-C009", file=e.file, tensor=name, message=e.message))
+    if len(tensors) < len(model.layer_tensor_names(key)):
+        return findings  # a layer with unreadable tensors cannot be checked further
+    layer_findings = check_layer(tensors, key, file=file, out_features=out_features)
+    findings += layer_findings
+    if any(f.severity == "error" for f in layer_findings):
+        return findings
+    qm = QMatrix.from_tensors(tensors, key, out_features=out_features)  # accepts what check_layer accepts
+    stats = LayerStats(key=key, in_features=qm.in_features, out_features=qm.out_features, bpw=qm.bits_per_weight)
+    if key != "lm_head":
+        bits.stored += qm.storage_bits()
+        bits.weights += qm.in_features * qm.out_features
+    if deep:
+        _decode_stats(qm, stats, findings, file, key)
+    layers.append(stats)
+    return findings
+
+
+def _drop_duplicates(files: list[Path], checks: dict[Path, ContainerCheck], findings: list[Finding]) -> list[Path]:
+    """Files whose tensor names are not already in an earlier file (EXL2-C006 for the rest; spec 2.2)."""
     seen: dict[str, Path] = {}
     keep = []
     for f in files:
-        names = [e.name for e in check_file(f).entries]
+        names = [e.name for e in checks[f].entries]
         dup = [n for n in names if n in seen]
         for n in dup[:10]:
             findings.append(finding("EXL2-C006", file=str(f), tensor=n, message=f"is also in {seen[n].name}"))
@@ -178,7 +217,8 @@ def _read_config(path: Path) -> tuple[dict | None, list[Finding]]:
     return data, []
 
 
-def _check_index(folder: Path, files: list[Path]) -> list[Finding]:
+def _check_index(folder: Path, files: list[Path], checks: dict[Path, ContainerCheck]) -> list[Finding]:
+    """``model.safetensors.index.json`` against the shards: a warning when stale (spec 2.3)."""
     index = folder / "model.safetensors.index.json"
     if not index.is_file():
         return []
@@ -191,8 +231,8 @@ def _check_index(folder: Path, files: list[Path]) -> list[Finding]:
     if missing:
         return [finding("EXL2-C007", file=str(index), message=f"names {len(missing)} file(s) that do not exist "
                                                               f"(e.g. {missing[0]}); stale, readers ignore it")]
-    have = {e.name for f in files for e in check_file(f).entries}
-    if set(weight_map) != have:
+    have = {e.name for f in files for e in checks[f].entries}
+    if not isinstance(weight_map, dict) or set(weight_map) != have:
         return [finding("EXL2-C007", file=str(index), message="lists other tensors than the shards hold; readers ignore it")]
     return []
 

@@ -1,126 +1,201 @@
-"""Language-neutral test vectors (``exl2 conformance export DIR``).
+"""Language-neutral test vectors: ``exl2 conformance export DIR`` (docs/porting.md).
 
-Layout of DIR (same bytes on every run):
+Layout of DIR, the same bytes on every run and every machine (values come from
+:class:`exl2.conformance.strategies.Stream`, files are written with sorted keys and no
+timestamps, ``y`` is an exactly rounded sum):
 
-    manifest.json                    what each vector covers and how it is compared
+    manifest.json                    every vector: file, kind, features, comparison, sha256
     README.md                        this layout, for porters
-    positive/NAME.safetensors        layer.q_weight ... (a valid layer under the prefix "layer"),
+    positive/NAME.safetensors        a valid layer under the prefix "layer" (layer.q_weight ...),
                                      expected  float16 [K, N']  the dequantized matrix (bit-exact)
                                      x         float16 [M, K]   activations
-                                     y         float32 [M, N]   x @ expected[:, :N] + bias, exact then rounded
-    negative/NAME.safetensors        a layer breaking one rule; manifest names the finding code
-    negative/folder-CODE/            a model folder breaking one container/config/layer rule
+                                     y         float32 [M, N]   x @ expected[:, :N] + bias (within the bound)
+    negative/NAME.safetensors        a layer breaking one rule; the manifest names its finding code
+    negative/folder-CODE/            a model folder breaking one container, config or decode rule
+
+Every negative is checked at export time: exl2's validator must report its code.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from ..errors import ContainerError
 from ..io import atomic_path, save_tensors
 from ..qmatrix import QMatrix
 from ..reference import dequantize
 from ..reference.bounds import MATMUL_ABS, MATMUL_REL
-from .strategies import MUTATIONS, LayerSpec
+from .strategies import MUTATIONS, LayerSpec, Mutation, Stream, broken
 
-MANIFEST_VERSION = 1
+SCHEMA_VERSION = 1
 PREFIX = "layer"
+
+#: How each tensor of a positive vector is compared (the manifest's ``comparisons``).
+COMPARISONS = {
+    "bit-exact": {
+        "applies_to": "expected",
+        "rule": "the float16 bit patterns of the implementation's dequantized matrix equal those of `expected` "
+                "(all in_features x out_features_padded values, padded columns included)",
+        "spec": "8.1",
+    },
+    "bound": {
+        "applies_to": "y",
+        "rule": "for every element: |y_impl - y| <= rel * (sum_k |x[m,k]| * |expected[k,n]| + |bias[n]|) + abs, "
+                "the difference taken in float64",
+        "rel": {"float16": MATMUL_REL[torch.float16], "bfloat16": MATMUL_REL[torch.bfloat16],
+                "float32": MATMUL_REL[torch.float32]},
+        "abs": MATMUL_ABS,
+        "source": "exl2/reference/bounds.py (matmul_tolerance)",
+        "spec": "8.2.1",
+    },
+}
 
 
 @dataclass(frozen=True)
 class Positive:
+    """One positive vector: a layer, what it covers, and the rows ``m`` of its ``x``."""
+
     name: str
     spec: LayerSpec
     features: tuple[str, ...]
-    rows: int = 4  # M of the (x, y) pair
-    q_perm: bool = False
+    m: int
+    description: str
 
 
-def _spec(groups: list[tuple[int, int]], n: int, seed: int, subnormal: bool = False, bias: bool = False) -> LayerSpec:
-    out, row = [], 0
-    for bits, rows in groups:
-        out.append((bits, row, rows))
-        row += rows
-    return LayerSpec(tuple(out), n, seed, subnormal, bias)
+def _layer(groups: list[tuple[int, int]], n: int, seed: int, **flags: bool) -> LayerSpec:
+    return LayerSpec(groups=tuple(groups), out_features=n, seed=seed, **flags)
 
 
 def positives() -> list[Positive]:
-    vs = [Positive(f"width-{b}", _spec([(b, 64), (b, 64)], 64, 10 + b), (f"width-{b}",)) for b in (8, 6, 5, 4, 3, 2)]
+    """The positive vectors, in export order."""
+    rows_for_m = {8: 1, 6: 2, 5: 4, 4: 5, 3: 16, 2: 33}
+    vs = [Positive(f"width-{b}", _layer([(b, 64), (b, 64)], 64, 10 + b), (f"width-{b}",), rows_for_m[b],
+                   f"two {b}-bit groups of 64 rows") for b in (8, 6, 5, 4, 3, 2)]
     vs += [
-        Positive("mixed", _spec([(8, 32), (6, 32), (5, 64), (4, 128), (3, 32), (2, 16), (2, 16)], 96, 1),
-                 ("mixed-widths", "width-8", "width-6", "width-5", "width-4", "width-3", "width-2")),
-        Positive("two-bit-groups-of-16", _spec([(2, 16)] * 6, 64, 2), ("width-2", "groups-of-16")),
-        Positive("padded-columns", _spec([(4, 64), (3, 32)], 45, 3, bias=True), ("padding", "bias")),
-        Positive("short-last-group", _spec([(5, 128), (5, 128), (4, 128), (4, 32)], 32, 4), ("short-last-group",)),
-        Positive("subnormal-scale-max", _spec([(6, 32), (4, 64), (2, 32)], 64, 5, subnormal=True), ("subnormal",)),
-        Positive("bias", _spec([(4, 128)], 100, 6, bias=True), ("bias", "padding")),
-        Positive("q-perm-present", _spec([(5, 64), (3, 64)], 32, 7), ("q-perm",), q_perm=True),
-        Positive("near-16-bit-limits", _spec([(8, 32)] * 2047, 32, 8), ("16-bit-limits", "many-groups"), rows=1),
+        Positive("mixed-widths", _layer([(8, 32), (6, 32), (5, 64), (4, 128), (3, 32), (2, 16), (2, 16)], 96, 1),
+                 ("mixed-widths", "width-8", "width-6", "width-5", "width-4", "width-3", "width-2"), 64,
+                 "every width, non-increasing, as exllamav2's group plans mix them"),
+        Positive("two-bit-groups-of-16", _layer([(2, 16)] * 6, 64, 2), ("width-2", "groups-of-16"), 8,
+                 "2-bit groups of 16 rows (the only width allowed below 32 rows, spec 4.4)"),
+        Positive("padded-columns", _layer([(4, 64), (3, 32)], 45, 3, bias=True), ("padding", "bias"), 3,
+                 "out_features 45 padded to 64 columns (spec 3.2)"),
+        Positive("short-last-group", _layer([(5, 128), (5, 128), (4, 128), (4, 32)], 32, 4), ("short-last-group",), 7,
+                 "groups of 128 rows and a last group of 32"),
+        Positive("subnormal-scale-max", _layer([(6, 32), (4, 64), (2, 32)], 64, 5, subnormal=True), ("subnormal",), 4,
+                 "every q_scale_max below 2^-6: q_scale_max / 256 is a float16 subnormal (spec 6.1)"),
+        Positive("bias", _layer([(4, 128)], 100, 6, bias=True), ("bias", "padding"), 2, "a bias of 100 entries"),
+        Positive("q-perm-present", _layer([(5, 64), (3, 64)], 32, 7, q_perm=True), ("q-perm",), 1,
+                 "the optional layer.q_perm stored (argsort of q_invperm)"),
+        Positive("identity-permutation", _layer([(4, 64), (2, 32)], 32, 8, act_order=False), ("identity-permutation",),
+                 1, "rows in input order (q_invperm = 0..K-1)"),
+        Positive("near-16-bit-limits", _layer([(8, 32736), (6, 32736), (4, 64)], 32, 9), ("16-bit-limits",), 1,
+                 "in_features 65536 (q_invperm entries up to 65535, read as uint16), groups of 32736 rows "
+                 "(the largest multiple of 32 below 32767), qrow offsets up to 14322 (Q <= K/4 = 16384, so "
+                 "offsets cannot come nearer 32767), spec 4.5"),
+        Positive("many-groups", _layer([(2, 16)] * 4096, 32, 10), ("16-bit-limits", "groups-of-16", "width-2"), 1,
+                 "4096 2-bit groups of 16 rows: the most groups in_features <= 65536 allows (spec 4.5)"),
     ]
     return vs
 
 
-def negatives() -> list[tuple[str, str, LayerSpec]]:
-    """(name, code, spec): one per mutation of :data:`strategies.MUTATIONS`."""
-    base = _spec([(6, 32), (4, 64), (2, 32)], 45, 20, bias=True)
-    return [(f"broken-{code.lower()}", code, base) for code in sorted(MUTATIONS)]
+#: The base layer of the negative layer vectors (each mutation may prepare it, see
+#: :class:`exl2.conformance.strategies.Mutation`).
+NEGATIVE_BASE = _layer([(6, 32), (6, 32), (4, 64), (2, 32)], 45, 20, bias=True)
+
+
+def negative_name(m: Mutation) -> str:
+    return f"{m.code.lower()}-{m.name}"
 
 
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def exact_product(x: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """float32 ``[M, N]``: ``x @ b + bias`` with every sum exact (``math.fsum``, correctly rounded to
+    float64, then rounded to float32), so ``y`` does not depend on a BLAS's summation order."""
+    xs, bs = x.to(torch.float64).numpy(), b.to(torch.float64).numpy()  # products of float16s are exact in float64
+    bias64 = None if bias is None else bias.to(torch.float64).numpy()
+    y = np.empty((xs.shape[0], bs.shape[1]), dtype=np.float64)
+    for i in range(xs.shape[0]):
+        terms = xs[i][:, None] * bs
+        for n in range(bs.shape[1]):
+            column = terms[:, n].tolist() + ([float(bias64[n])] if bias64 is not None else [])
+            y[i, n] = math.fsum(column)
+    return torch.from_numpy(y).to(torch.float32)
+
+
+def group_runs(qm: QMatrix) -> list[list[int]]:
+    """The group plan as runs ``[bits, rows, count]`` (4096 equal groups make one entry)."""
+    runs: list[list[int]] = []
+    for g in qm.groups:
+        if runs and runs[-1][:2] == [g.bits, g.rows]:
+            runs[-1][2] += 1
+        else:
+            runs.append([g.bits, g.rows, 1])
+    return runs
+
+
 def write_positive(path: Path, v: Positive) -> dict:
+    """Write one positive vector; returns its manifest entry (without the digest)."""
     qm = v.spec.build()
     expected = dequantize(qm)
-    g = torch.Generator().manual_seed(1000 + v.spec.seed)
-    x = torch.randn(v.rows, qm.in_features, generator=g).to(torch.float16)
-    y = x.to(torch.float64) @ expected[:, : qm.out_features].to(torch.float64)
-    if qm.bias is not None:
-        y = y + qm.bias.to(torch.float64)
-    tensors = qm.to_tensors(PREFIX)
-    if v.q_perm:
-        tensors[f"{PREFIX}.q_perm"] = qm.q_perm
-    tensors |= {"expected": expected, "x": x, "y": y.to(torch.float32)}
+    x = torch.from_numpy(Stream(1000 + v.spec.seed).float16((v.m, qm.in_features), 10))
+    y = exact_product(x, expected[:, : qm.out_features], qm.bias)
+    tensors = v.spec.tensors(PREFIX) | {"expected": expected, "x": x, "y": y}
     save_tensors(path, dict(sorted(tensors.items())))
-    return {"in_features": qm.in_features, "out_features": qm.out_features,
-            "out_features_padded": qm.out_features_padded,
-            "groups": [[g.bits, g.rows] for g in qm.groups][:16] + ([["...", len(qm.groups)]] if len(qm.groups) > 16 else [])}
+    return {"name": v.name, "kind": "positive", "description": v.description, "features": sorted(v.features),
+            "comparison": {"expected": "bit-exact", "y": "bound"},
+            "layer": {"in_features": qm.in_features, "out_features": qm.out_features,
+                      "out_features_padded": qm.out_features_padded, "groups": len(qm.groups),
+                      "group_runs": group_runs(qm), "bias": qm.bias is not None, "q_perm": v.spec.q_perm, "m": v.m}}
 
 
-def write_negative(path: Path, code: str, spec: LayerSpec) -> None:
+def reported_codes(tensors: dict[str, torch.Tensor], code: str) -> list[str]:
+    """The codes exl2's validator reports for a negative layer: its errors, plus ``code`` itself
+    when that is a warning (EXL2-S004)."""
     from .rules import check_layer
 
-    tensors = spec.build().to_tensors(PREFIX)
-    MUTATIONS[code][0](tensors, PREFIX)
-    errors = {f.code for f in check_layer(tensors, PREFIX) if f.severity == "error"}
-    if errors != {code}:  # pragma: no cover - guarded by tests
-        raise AssertionError(f"negative vector for {code} triggers {sorted(errors)}")
+    return sorted({f.code for f in check_layer(tensors, PREFIX) if f.severity == "error" or f.code == code})
+
+
+def write_negative(path: Path, m: Mutation) -> dict:
+    """Write one negative layer vector, after checking the validator reports its code."""
+    tensors = broken(NEGATIVE_BASE, m, PREFIX)
+    reported = reported_codes(tensors, m.code)
+    if m.code not in reported or (m.exclusive and reported != [m.code]):
+        raise AssertionError(f"negative vector {negative_name(m)} makes the validator report {reported}")
     save_tensors(path, dict(sorted(tensors.items())))
+    return {"name": negative_name(m), "kind": "negative", "code": m.code, "reported": reported,
+            "description": m.name.replace("-", " "), "features": [f"negative:{m.code}"]}
 
 
-# -- negatives checked on whole files / folders (validate_path) -------------------------------
+# -- negatives checked on whole folders (validate_path) ----------------------------------------
 
-#: A small llama-family model: (key suffix, in_features, out_features) of its layer 0.
+#: A small llama-family model of one layer.
 _LLAMA = {"hidden_size": 64, "intermediate_size": 96, "num_attention_heads": 4, "num_key_value_heads": 2,
           "vocab_size": 100, "model_type": "llama", "num_hidden_layers": 1}
 _LINEARS = [("self_attn.q_proj", 64, 64), ("self_attn.k_proj", 64, 32), ("self_attn.v_proj", 64, 32),
             ("self_attn.o_proj", 64, 64), ("mlp.gate_proj", 64, 96), ("mlp.up_proj", 64, 96), ("mlp.down_proj", 96, 64)]
+_KEY = "model.layers.0.mlp.down_proj"
 
 
-def _llama_folder(bits: float = 5.3) -> tuple[dict[str, torch.Tensor], dict]:
+def _llama_folder() -> tuple[dict[str, torch.Tensor], dict]:
     t: dict[str, torch.Tensor] = {}
     for i, (name, k, n) in enumerate(_LINEARS):
-        spec = _spec([(5, 32), (4, k - 32)], n, 40 + i)
-        t |= spec.build().to_tensors(f"model.layers.0.{name}")
-    t |= _spec([(6, 64)], 100, 50).build().to_tensors("lm_head")
-    t["model.embed_tokens.weight"] = torch.randn(100, 64, generator=torch.Generator().manual_seed(51)).half()
+        t |= _layer([(5, 32), (4, k - 32)], n, 40 + i).tensors(f"model.layers.0.{name}")
+    t |= _layer([(6, 64)], 100, 50).tensors("lm_head")
+    t["model.embed_tokens.weight"] = torch.from_numpy(Stream(51).float16((100, 64), 10))
     t["model.norm.weight"] = torch.ones(64, dtype=torch.float16)
-    cfg = dict(_LLAMA, quantization_config={"quant_method": "exl2", "version": "0.2.7", "bits": bits, "head_bits": 6,
+    cfg = dict(_LLAMA, quantization_config={"quant_method": "exl2", "version": "0.2.7", "bits": 5.3, "head_bits": 6,
                                             "calibration": {"rows": 100, "length": 2048, "dataset": "(default)"}})
     return t, cfg
 
@@ -144,17 +219,8 @@ def _folder(folder: Path, tensors: dict, cfg: dict | None, name: str = "output.s
     return folder / name
 
 
-_KEY = "model.layers.0.mlp.down_proj"
-
-
-def _edit_layer(t: dict, qm_tensors: dict) -> None:
-    for n in [n for n in t if n.startswith(_KEY + ".")]:
-        del t[n]
-    t.update(qm_tensors)
-
-
-def _file_negative(code: str, folder: Path) -> None:
-    """Write the folder vector for ``code`` (one broken rule; the validator must report ``code``)."""
+def _folder_negative(code: str, folder: Path) -> None:
+    """Write the folder vector for ``code``: a valid one-layer llama with one rule broken."""
     t, cfg = _llama_folder()
     if code == "EXL2-C001":
         _folder(folder, t, cfg).write_bytes(b"\x10\x00\x00")
@@ -162,8 +228,7 @@ def _file_negative(code: str, folder: Path) -> None:
         f = _folder(folder, t, cfg)
         h, data = _header(f)
         if code == "EXL2-C002":
-            _raw(f, {}, b"")
-            f.write_bytes(f.read_bytes()[:8] + b"[" + f.read_bytes()[9:])
+            f.write_bytes((1).to_bytes(8, "little") + b"[" + data)
         elif code == "EXL2-C003":
             h[_KEY + ".q_scale"]["dtype"] = "Q4"
             _raw(f, h, data)
@@ -179,7 +244,7 @@ def _file_negative(code: str, folder: Path) -> None:
     elif code == "EXL2-C007":
         _folder(folder, t, cfg)
         (folder / "model.safetensors.index.json").write_text(
-            json.dumps({"weight_map": {"model.norm.weight": "model-00001-of-00002.safetensors"}}))
+            json.dumps({"weight_map": {"model.norm.weight": "model-00001-of-00002.safetensors"}}, sort_keys=True))
     elif code == "EXL2-C008":
         _folder(folder, t, cfg, "model.safetensors")
     elif code == "EXL2-K001":
@@ -197,78 +262,84 @@ def _file_negative(code: str, folder: Path) -> None:
     elif code == "EXL2-K005":
         cfg["quantization_config"]["bits"] = 2.5
         _folder(folder, t, cfg)
-    else:
-        _layer_file_negative(code, t)
-        _folder(folder, t, cfg)
-
-
-def _layer_file_negative(code: str, t: dict) -> None:
-    k = _KEY
-    if code == "EXL2-T004":
-        t[k + ".q_weight"] = t[k + ".q_weight"][:, :48].clone()
-        t[k + ".q_scale"] = t[k + ".q_scale"][:, :6].clone()
-    elif code == "EXL2-G004":
-        qm = _spec([(3, 96)], 64, 60).build().to_tensors(k)
-        qm[k + ".q_weight"] = qm[k + ".q_weight"][:8].clone()
-        qm[k + ".q_invperm"] = torch.arange(8 * 32 // 3 + 1, dtype=torch.int32)  # rows the qrows imply
-        _edit_layer(t, qm)
-    elif code == "EXL2-G005":
-        qm = _spec([(4, 64), (4, 32)], 64, 61).build().to_tensors(k)
-        qm[k + ".q_groups"][3] = 1  # group 0 becomes one 8-row block
-        qm[k + ".q_invperm"] = torch.arange(8 + 88, dtype=torch.int32)
-        _edit_layer(t, qm)
-    elif code == "EXL2-G007":
-        g = t[k + ".q_groups"].clone()
-        g[3] = -32768
-        t[k + ".q_groups"] = g
     elif code == "EXL2-S002":
-        t[k + ".q_scale_max"] = torch.full_like(t[k + ".q_scale_max"], 2.0**-10)
-    elif code == "EXL2-S004":
-        s = t["lm_head.q_scale"].clone()
-        s[:, -1] = 0  # columns 120..127 are padding (vocab 100 -> 128)
-        t["lm_head.q_scale"] = s
+        t[_KEY + ".q_scale_max"] = torch.full_like(t[_KEY + ".q_scale_max"], 2.0**-10)
+        _folder(folder, t, cfg)
     elif code == "EXL2-D001":
-        spec = _spec([(8, 96)], 64, 62)
-        qm = spec.build()
+        qm = _layer([(8, 96)], 64, 62).build()
         qm.q_weight.fill_(-1)  # every 8-bit code 255
-        qm.q_scale.fill_(-1)  # every scale code 15 (qs = 16)
-        qm.q_scale_max.fill_(65504.0)
-        _edit_layer(t, qm.to_tensors(k))
-    else:  # pragma: no cover
+        qm.q_scale.fill_(-1)  # every scale code 15: scale = 256 * q_scale_max / 256
+        qm.q_scale_max.fill_(65504.0)  # 127 * 65504 overflows float16
+        for n in [n for n in t if n.startswith(_KEY + ".")]:
+            del t[n]
+        t |= qm.to_tensors(_KEY)
+        _folder(folder, t, cfg)
+    else:  # pragma: no cover - FOLDER_NEGATIVES and this function go together
         raise KeyError(code)
 
 
-FILE_NEGATIVES = ("EXL2-C001", "EXL2-C002", "EXL2-C003", "EXL2-C004", "EXL2-C005", "EXL2-C006", "EXL2-C007",
-                  "EXL2-C008", "EXL2-K001", "EXL2-K002", "EXL2-K003", "EXL2-K004", "EXL2-K005", "EXL2-T004",
-                  "EXL2-G004", "EXL2-G005", "EXL2-G007", "EXL2-S002", "EXL2-S004", "EXL2-D001")
+#: Codes with a folder vector: those of the container, the config, the information about
+#: subnormal maxima (a legal file) and the deep decode (checked by ``validate --deep``).
+FOLDER_NEGATIVES = ("EXL2-C001", "EXL2-C002", "EXL2-C003", "EXL2-C004", "EXL2-C005", "EXL2-C006", "EXL2-C007",
+                    "EXL2-C008", "EXL2-K001", "EXL2-K002", "EXL2-K003", "EXL2-K004", "EXL2-K005", "EXL2-S002",
+                    "EXL2-D001")
+
+
+def write_folder_negative(folder: Path, code: str) -> dict:
+    from .validate import validate_path
+
+    _folder_negative(code, folder)
+    reported = sorted({f.code for f in validate_path(folder, deep=True).findings})
+    if code not in reported:
+        raise AssertionError(f"folder vector for {code} makes the validator report {reported}")
+    return {"name": folder.name, "kind": "negative-folder", "code": code, "reported": reported,
+            "features": [f"negative:{code}"], "validate": "deep",
+            "sha256": {p.name: _sha256(p) for p in sorted(folder.iterdir())}}
 
 
 README = """# EXL2 conformance vectors
 
-Generated by `exl2 conformance export` (the exl2 project). The same bytes on every run.
+Written by `exl2 conformance export` (the exl2 project). Regenerating gives the same bytes.
+Format: spec/exl2.md of the exl2 project; how to use these files: its docs/porting.md.
 
-- `manifest.json`: one entry per vector: `file`, `kind` (positive / negative), `features`,
-  `compare`, `sha256`; negatives name the finding `code` a validator must report.
-- `positive/*.safetensors`: a valid EXL2 layer under the prefix `layer` (`layer.q_weight`,
-  `layer.q_scale`, `layer.q_scale_max`, `layer.q_groups`, `layer.q_invperm`, optional `layer.bias`,
-  `layer.q_perm`), plus `expected` (float16 [in_features, out_features_padded], the dequantized
-  matrix: compare bit for bit), `x` (float16 [M, in_features]) and `y` (float32 [M, out_features]):
-  `x @ expected[:, :out_features] + bias` computed exactly and rounded to float32; compare within
-  the bound in the manifest.
-- `negative/*.safetensors`: a layer that breaks exactly one rule of the spec; a decoder must refuse
-  it, a validator must report `code` (and no other error).
-- `negative/folder-*/`: a whole model folder (safetensors shards, config.json) with one broken rule
-  of the container, the config or a layer; a validator must report `code` (kind `negative-folder`).
+## Files
 
-See docs/porting.md of the exl2 project and spec/exl2.md for the format itself.
+- `manifest.json`: `schema_version`, `prefix` (`layer`), `comparisons` (what `bit-exact` and
+  `bound` mean, with the bound's constants), and `vectors`: one entry per vector with `name`,
+  `kind` (`positive`, `negative`, `negative-folder`), `file`, `features`, `sha256` (a dict file -> digest
+  for folders), for positives `comparison` and `layer` (`in_features`, `out_features`,
+  `out_features_padded`, `groups`, `group_runs` as `[bits, rows, count]`, `bias`, `q_perm`, `m`), for
+  negatives `code` (the finding a validator must report) and `reported` (every code exl2 reports).
+- `positive/*.safetensors`: a valid EXL2 layer under the prefix `layer` (`layer.q_weight` int32,
+  `layer.q_scale` int32, `layer.q_scale_max` float16, `layer.q_groups` int16, `layer.q_invperm` int32,
+  optional `layer.bias` float16 and `layer.q_perm` int32), plus
+  - `expected` float16 `[in_features, out_features_padded]`: the dequantized matrix. Compare bit for bit.
+  - `x` float16 `[m, in_features]` and `y` float32 `[m, out_features]`: `y = x @ expected[:, :out_features] + bias`,
+    each element the exact sum rounded to float64 then to float32. Compare within the bound.
+- `negative/*.safetensors`: a layer (prefix `layer`) that breaks one rule. A decoder must refuse
+  it; a validator must report `code`.
+- `negative/folder-*/`: a model folder (safetensors shards, config.json) breaking one rule of the
+  container, the config, or the decode (`EXL2-D001`: decoded weights overflow; `EXL2-S002` is an
+  information about a legal file). A validator must report `code`.
+
+All tensors are little-endian; safetensors is an 8-byte little-endian header length, a JSON
+header (name -> dtype, shape, data_offsets) and the raw bytes.
 """
 
 
+def _check_target(directory: Path) -> None:
+    """Refuse to replace anything but an earlier export or an empty folder."""
+    if directory.is_file() or (directory.is_dir() and any(directory.iterdir())
+                               and not (directory / "manifest.json").is_file()):
+        raise ContainerError("exists and is not an earlier vector export (no manifest.json); "
+                             "choose a new or empty folder", file=str(directory))
+
+
 def export(directory: str | Path) -> dict:
-    """Write the suite into ``directory`` (created or replaced atomically); returns the manifest."""
+    """Write the suite into ``directory`` (new, empty, or an earlier export, which is replaced:
+    the new suite is built beside it and moved in at the end). Returns the manifest."""
     directory = Path(directory)
-    bound = {"y": f"|y - y_ref| <= {MATMUL_REL[torch.float16]!r} * (|x| @ |expected| + |bias|) + {MATMUL_ABS!r}",
-             "expected": "bit-exact (compare float16 bit patterns)"}
+    _check_target(directory)
     with atomic_path(directory) as tmp:
         tmp.unlink()
         (tmp / "positive").mkdir(parents=True)
@@ -276,39 +347,50 @@ def export(directory: str | Path) -> dict:
         entries = []
         for v in positives():
             f = tmp / "positive" / f"{v.name}.safetensors"
-            shape = write_positive(f, v)
-            entries.append({"name": v.name, "kind": "positive", "file": f"positive/{f.name}",
-                            "features": sorted(v.features), "compare": bound, "layer": shape, "sha256": _sha256(f)})
-        for name, code, spec in negatives():
-            f = tmp / "negative" / f"{name}.safetensors"
-            write_negative(f, code, spec)
-            entries.append({"name": name, "kind": "negative", "file": f"negative/{f.name}", "code": code,
-                            "features": [f"negative:{code}"], "sha256": _sha256(f)})
-        for code in FILE_NEGATIVES:
-            name = f"folder-{code.lower()}"
-            folder = tmp / "negative" / name
-            _file_negative(code, folder)
-            found = {f.code for f in _validate(folder)}
-            if code not in found:  # pragma: no cover - guarded by tests
-                raise AssertionError(f"folder vector for {code} reports {sorted(found)}")
-            entries.append({"name": name, "kind": "negative-folder", "file": f"negative/{name}", "code": code,
-                            "features": [f"negative:{code}"],
-                            "sha256": {p.name: _sha256(p) for p in sorted(folder.iterdir())}})
-        manifest = {"version": MANIFEST_VERSION, "prefix": PREFIX, "spec": "spec/exl2.md", "vectors": entries}
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+            entries.append(write_positive(f, v) | {"file": f"positive/{f.name}", "sha256": _sha256(f)})
+        for m in MUTATIONS:
+            f = tmp / "negative" / f"{negative_name(m)}.safetensors"
+            entries.append(write_negative(f, m) | {"file": f"negative/{f.name}", "sha256": _sha256(f)})
+        for code in FOLDER_NEGATIVES:
+            folder = tmp / "negative" / f"folder-{code.lower()}"
+            entries.append(write_folder_negative(folder, code) | {"file": f"negative/{folder.name}"})
+        manifest = {"schema_version": SCHEMA_VERSION, "prefix": PREFIX, "spec": "spec/exl2.md",
+                    "comparisons": COMPARISONS, "vectors": entries}
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
         (tmp / "README.md").write_text(README)
         if directory.exists():
-            import shutil
-
             shutil.rmtree(directory)
     return manifest
 
 
-def _validate(folder: Path):
-    from .validate import validate_path
-
-    return validate_path(folder, deep=True).findings
+def read_manifest(directory: str | Path, verify: bool = True) -> dict:
+    """The manifest of an exported folder; with ``verify``, every file's sha256 is checked.
+    Raises :class:`ContainerError` when the folder is not a (complete, unedited) export."""
+    directory = Path(directory)
+    path = directory / "manifest.json"
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ContainerError("holds no manifest.json; write one with `exl2 conformance export`",
+                             file=str(directory)) from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ContainerError(f"cannot be read as JSON ({type(e).__name__})", file=str(path)) from None
+    if not isinstance(manifest, dict) or manifest.get("schema_version") != SCHEMA_VERSION:
+        raise ContainerError(f"is not a schema_version {SCHEMA_VERSION} manifest", file=str(path))
+    if verify:
+        for v in manifest.get("vectors", []):
+            digests = v["sha256"] if isinstance(v["sha256"], dict) else {"": v["sha256"]}
+            for name, digest in digests.items():
+                f = directory / v["file"] / name if name else directory / v["file"]
+                if not f.is_file() or _sha256(f) != digest:
+                    raise ContainerError("is missing or differs from its sha256 in manifest.json", file=str(f))
+    return manifest
 
 
 def load_layer(tensors: dict[str, torch.Tensor], out_features: int | None = None) -> QMatrix:
+    """The QMatrix of a vector file's ``layer.*`` tensors."""
     return QMatrix.from_tensors(tensors, PREFIX, out_features=out_features)
+
+
+__all__ = ["COMPARISONS", "FOLDER_NEGATIVES", "NEGATIVE_BASE", "PREFIX", "Positive", "SCHEMA_VERSION", "exact_product",
+           "export", "load_layer", "negative_name", "positives", "read_manifest"]

@@ -1,18 +1,24 @@
 """The fast path: the reference's functions as Triton kernels.
 
 - :func:`dequantize` — bit-exact with :func:`exl2.reference.dequantize` (spec 8.1);
-- :func:`matmul` — a fused dequantize + GEMM for small batches, dequantize then ``torch.matmul``
-  above :data:`MATMUL_CROSSOVER_M` rows; within the spec's bound (8.2.1);
-- :func:`quantize` — the reference's algorithm (scale search, RTN or GPTQ) with codes and packing
-  on Triton kernels: packed words and codes given the scales bit-exact (8.1).
+- :func:`matmul` — three paths by the rows M of x: a split-K GEMV that reads every q_weight
+  word once (M <= :data:`GEMV_MAX_M`), a fused decode + tensor-core GEMM (up to
+  :data:`MATMUL_CROSSOVER_M`), dequantize then ``torch.matmul`` above; float32 accumulation,
+  within the spec's bound (8.2.1);
+- :func:`quantize` — the reference's algorithm (scale search, RTN or GPTQ) with codes, packing
+  and GPTQ's row loop on Triton kernels (:mod:`exl2.fast.gptq`): packed words and codes given the
+  scales bit-exact (8.1), GPTQ within its bound (8.2.3).
 
 One kernel design serves every width and mixed groups: the per-column little-endian bit string
-of spec 5.1, driven by a small per-row table derived from the group table (:mod:`exl2.fast.plan`).
-The file's q_weight is used as it is; nothing is repacked.
+of spec 5.1, with the width a runtime value per row or per tile, driven by small tables derived
+from the group table (:mod:`exl2.fast.plan`). The file's q_weight is used as it is; nothing is
+repacked.
 
 On CUDA or ROCm tensors the kernels are compiled. Without a GPU they run under Triton's
 interpreter on CPU tensors: correct, and slow. This module sets ``TRITON_INTERPRET=1`` when no
-GPU is visible, before Triton is first imported.
+GPU is visible, before Triton is first imported (so import it before anything imports triton);
+:func:`backend_note` returns the line to show users then. ``python exl2/fast/aot_check.py``
+compiles every kernel for a GPU target on a machine without one.
 """
 
 from __future__ import annotations
@@ -24,7 +30,8 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from .ops import GEMV_MAX_M, MATMUL_CROSSOVER_M, dequantize, encode_rows, interpreted, matmul, pack_codes, quantize  # noqa: E402
+from .gptq import quantize  # noqa: E402
+from .ops import GEMV_MAX_M, MATMUL_CROSSOVER_M, dequantize, encode_rows, interpreted, matmul, pack_codes  # noqa: E402
 
 
 def backend_note() -> str | None:

@@ -1,9 +1,15 @@
 """Triton kernels of the fast path. Each kernel's docstring says what one program instance
 computes; the reference check beside each is in tests/test_fast.py.
 
-All integer bit work is done in int64 so that unsigned 32-bit words and shifts of up to 32 are
-exact; float16 values are produced by one float32 product rounded to float16 (round to nearest
-even), exactly where spec 6 rounds.
+q_weight and q_scale words are handled as uint32 (logical shifts, no sign extension); offsets
+into large tensors are int64. Decoded float16 values are produced by one float32 product rounded
+to float16 (round to nearest even, Triton's default for fp32 -> fp16), exactly where spec 6
+rounds: the product of two float16 values is exact in float32.
+
+Kernels: :func:`dequantize_kernel` (bit-exact decode), :func:`gemv_kernel` +
+:func:`split_sum_kernel` (M <= 4, every word read once), :func:`matmul_kernel` (fused decode +
+tensor-core GEMM), :func:`encode_kernel` and :func:`pack_kernel` (codes and words, bit-exact),
+:func:`gptq_group_kernel` (GPTQ's row loop inside one group).
 """
 
 from __future__ import annotations
@@ -18,27 +24,23 @@ def _decode_tile(qw_ptr, stride_qw, qs_ptr, stride_qs, smax_ptr, qrow_ptr, shift
     """float16 values of stored rows ``rk`` [BLOCK_K] (valid where ``mk``) and columns ``rn``
     [BLOCK_N] (spec 5.1, 6.1-6.3), from the row table (first q_weight row, shift, width, group of
     each stored row). Masked elements decode to 0."""
-    qrow = tl.load(qrow_ptr + rk, mask=mk, other=0)
-    shift = tl.load(shift_ptr + rk, mask=mk, other=0)
-    bits = tl.load(bits_ptr + rk, mask=mk, other=2)
-    group = tl.load(group_ptr + rk, mask=mk, other=0)
-    qrow2 = qrow[:, None]
-    shift2 = shift[:, None].to(tl.int64)
-    bits2 = bits[:, None].to(tl.int64)
-    lo = tl.load(qw_ptr + qrow2 * stride_qw + rn[None, :], mask=mask, other=0).to(tl.int64) & 0xFFFFFFFF
-    straddles = (shift2 + bits2) > 32
-    hi = tl.load(qw_ptr + (qrow2 + 1) * stride_qw + rn[None, :], mask=mask & straddles, other=0).to(tl.int64)
-    hi = hi & 0xFFFFFFFF
-    ones = tl.full(bits2.shape, 1, tl.int64)
-    code = ((lo >> shift2) | (hi << (32 - shift2))) & ((ones << bits2) - 1)
-    zero = ones << (bits2 - 1)
+    qrow = tl.load(qrow_ptr + rk, mask=mk, other=0).to(tl.int64)[:, None]
+    shift = tl.load(shift_ptr + rk, mask=mk, other=0)[:, None]
+    bits = tl.load(bits_ptr + rk, mask=mk, other=2)[:, None]
+    group = tl.load(group_ptr + rk, mask=mk, other=0)[:, None]
+    lo = tl.load(qw_ptr + qrow * stride_qw + rn[None, :], mask=mask, other=0).to(tl.uint32, bitcast=True)
+    # the next word only for a straddling code; 0 otherwise, so that the shift below adds nothing
+    straddles = (shift + bits) > 32
+    hi = tl.load(qw_ptr + (qrow + 1) * stride_qw + rn[None, :], mask=mask & straddles,
+                 other=0).to(tl.uint32, bitcast=True)
+    code = (lo >> shift.to(tl.uint32)) | (hi << ((32 - shift) & 31).to(tl.uint32))
+    code = (code & ((1 << bits) - 1).to(tl.uint32)).to(tl.int32)
 
-    g2 = group[:, None]
-    word = tl.load(qs_ptr + g2 * stride_qs + (rn[None, :] // 8), mask=mask, other=0).to(tl.int64) & 0xFFFFFFFF
-    qs = ((word >> ((rn[None, :] % 8) * 4).to(tl.int64)) & 0xF) + 1
-    m = (tl.load(smax_ptr + g2, mask=mask, other=0.0).to(tl.float32) * 0.00390625).to(tl.float16).to(tl.float32)
-    scale = ((qs * qs).to(tl.float32) * m).to(tl.float16).to(tl.float32)
-    value = ((code - zero).to(tl.float32) * scale).to(tl.float16)
+    word = tl.load(qs_ptr + group * stride_qs + (rn[None, :] // 8), mask=mask, other=0).to(tl.uint32, bitcast=True)
+    qs = ((word >> ((rn[None, :] % 8) * 4).to(tl.uint32)) & 0xF).to(tl.int32) + 1
+    m = (tl.load(smax_ptr + group, mask=mk[:, None], other=0.0).to(tl.float32) * 0.00390625).to(tl.float16)
+    scale = ((qs * qs).to(tl.float32) * m.to(tl.float32)).to(tl.float16).to(tl.float32)
+    value = ((code - (1 << (bits - 1))).to(tl.float32) * scale).to(tl.float16)
     return tl.where(mask, value, 0.0).to(tl.float16)
 
 
@@ -58,7 +60,7 @@ def dequantize_kernel(qw_ptr, stride_qw, qs_ptr, stride_qs, smax_ptr,
     dest = tl.load(dest_ptr + rk, mask=mk, other=0)
     v = _decode_tile(qw_ptr, stride_qw, qs_ptr, stride_qs, smax_ptr, qrow_ptr, shift_ptr, bits_ptr, group_ptr,
                      rk, mk, rn, mask)
-    tl.store(out_ptr + dest[:, None] * stride_out + rn[None, :], v, mask=mask)
+    tl.store(out_ptr + dest.to(tl.int64)[:, None] * stride_out + rn[None, :], v, mask=mask)
 
 
 @triton.jit
@@ -147,26 +149,141 @@ def pack_kernel(code_ptr, row0_ptr, word_ptr, out_ptr, W, N, bits, block_rows,
 
 
 @triton.jit
-def gemv_kernel(x_ptr, stride_xm, qw_ptr, stride_qw, qs_ptr, stride_qs, smax_ptr,
-                qrow_ptr, shift_ptr, bits_ptr, group_ptr, y_ptr, M, N, K,
-                K_PER_PROGRAM: tl.constexpr, M_MAX: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Split-K product for a few rows of x (M <= M_MAX), where decoding is memory bound: one
-    program decodes stored rows ``[pid_k * K_PER_PROGRAM, +K_PER_PROGRAM)`` x ``BLOCK_N`` columns
-    once, multiplies them with every row of ``x_perm`` on CUDA cores, and adds its float32 partial
-    sums into ``y`` (float32, zero-initialised) atomically. The order of the atomic additions
-    varies, so results vary in the last bits, within the bound of spec 8.2.1."""
+def _column_scales(qs_ptr, stride_qs, smax_ptr, group, rn, mn):
+    """float32 ``[BLOCK_N]`` holding the float16 scales of ``group`` for columns ``rn`` (spec 6.1,
+    6.2): ``half(half(q_scale_max / 256) * (c + 1)^2)``, each product exact in float32, rounded once."""
+    word = tl.load(qs_ptr + group * stride_qs + rn // 8, mask=mn, other=0).to(tl.uint32, bitcast=True)
+    qs = ((word >> ((rn % 8) * 4).to(tl.uint32)) & 0xF).to(tl.int32) + 1
+    m = (tl.load(smax_ptr + group).to(tl.float32) * 0.00390625).to(tl.float16).to(tl.float32)
+    return ((qs * qs).to(tl.float32) * m).to(tl.float16).to(tl.float32)
+
+
+@triton.jit
+def _tile_product(acc, w_ptrs, stride_qw, x_ptrs, dest_ptr, scale, mn, mm,
+                  BITS: tl.constexpr, ROWS: tl.constexpr):
+    """``acc + x_perm[:, tile] @ B_tile`` for one tile of ``ROWS`` stored rows of width ``BITS``
+    (spec 5.1, 6.3): each of the tile's ``ROWS * BITS / 32`` q_weight words is loaded once
+    (``w_ptrs``: the tile's first word of each column), and code ``j`` is cut from it with
+    compile-time shifts (``j * BITS`` bits into the tile, straddling into the next word where
+    ``shift + BITS > 32``). Row ``j`` multiplies input feature ``dest[j]`` of x (act-order).
+
+    A tile lies in one group, so each column has one scale ``s`` and
+    ``sum_j x_j (q_j - z) s = s (sum_j x_j q_j - z sum_j x_j)``: per weight one conversion and one
+    multiply-add of the raw code; the zero point and the scale are applied once per tile and
+    column. The float16 rounding of each decoded weight (spec 6.3) is skipped: the result differs
+    from the product with decoded weights by rounding of float32 sums only, far inside the
+    matmul bound of spec 8.2.1."""
+    WORDS: tl.constexpr = ROWS * BITS // 32
+    ZERO: tl.constexpr = 1 << (BITS - 1)
+    MASK: tl.constexpr = (1 << BITS) - 1
+    codes_x = tl.zeros(acc.shape, dtype=tl.float32)  # sum_j x_j q_j
+    x_sum = tl.zeros((acc.shape[0],), dtype=tl.float32)  # sum_j x_j
+    cur = tl.load(w_ptrs, mask=mn, other=0).to(tl.uint32, bitcast=True)
+    nxt = cur
+    if WORDS > 1:
+        nxt = tl.load(w_ptrs + stride_qw, mask=mn, other=0).to(tl.uint32, bitcast=True)
+    for j in tl.static_range(ROWS):
+        # code j starts (j * BITS) // 32 words into the tile, (j * BITS) % 32 bits into that word
+        if j > 0:
+            if (j * BITS) // 32 != ((j - 1) * BITS) // 32:  # it starts in the next word
+                cur = nxt
+                if (j * BITS) // 32 + 1 < WORDS:
+                    nxt = tl.load(w_ptrs + ((j * BITS) // 32 + 1) * stride_qw, mask=mn,
+                                  other=0).to(tl.uint32, bitcast=True)
+        code = cur >> ((j * BITS) % 32)
+        if (j * BITS) % 32 + BITS > 32:  # it straddles into the next word
+            code = code | (nxt << (32 - (j * BITS) % 32))
+        x = tl.load(x_ptrs + tl.load(dest_ptr + j), mask=mm, other=0.0).to(tl.float32)
+        x_sum += x
+        codes_x += x[:, None] * (code & MASK).to(tl.float32)[None, :]
+    return acc + (codes_x - x_sum[:, None] * ZERO) * scale[None, :]
+
+
+@triton.jit
+def gemv_kernel(x_ptr, stride_xm, dest_ptr, qw_ptr, stride_qw, qs_ptr, stride_qs, smax_ptr,
+                tile_bits_ptr, tile_row_ptr, tile_qrow_ptr, tile_group_ptr, part_ptr, M, N, n_tiles,
+                tiles_per_program, M_MAX: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Split-K product for a few rows of x (``M <= M_MAX``), where the layer is memory bound. One
+    program takes tiles ``[pid_k * tiles_per_program, +tiles_per_program)`` of stored rows (32
+    rows, 16 for 2-bit groups; each inside one group, see :func:`exl2.fast.plan.tile_table`) and
+    columns ``[pid_n * BLOCK_N, +BLOCK_N)``, reads every q_weight word of them exactly once
+    (coalesced along N), decodes it in registers and writes the float32 partial product
+    ``x @ B[tiles, columns]`` to ``part[pid_k]`` (``[splits, M, N]``). x is read unpermuted:
+    stored row ``k`` multiplies feature ``q_perm[k]`` (``dest``). The width is a runtime value per
+    tile; each branch is the same code, :func:`_tile_product`, compiled for one width."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rm = tl.arange(0, M_MAX)
+    mn = rn < N
+    mm = rm < M
+    x_ptrs = x_ptr + rm * stride_xm
     acc = tl.zeros((M_MAX, BLOCK_N), dtype=tl.float32)
-    for k0 in range(pid_k * K_PER_PROGRAM, pid_k * K_PER_PROGRAM + K_PER_PROGRAM, BLOCK_K):
-        rk = k0 + tl.arange(0, BLOCK_K)
-        mk = rk < K
-        mask = mk[:, None] & (rn[None, :] < N)
-        w = _decode_tile(qw_ptr, stride_qw, qs_ptr, stride_qs, smax_ptr, qrow_ptr, shift_ptr, bits_ptr, group_ptr,
-                         rk, mk, rn, mask).to(tl.float32)
-        x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=(rm[:, None] < M) & mk[None, :],
-                    other=0.0).to(tl.float32)
-        acc += tl.sum(x[:, :, None] * w[None, :, :], axis=1)
-    tl.atomic_add(y_ptr + rm[:, None] * N + rn[None, :], acc, mask=(rm[:, None] < M) & (rn[None, :] < N))
+    first = pid_k * tiles_per_program
+    for t in range(first, tl.minimum(first + tiles_per_program, n_tiles)):
+        bits = tl.load(tile_bits_ptr + t)
+        row = tl.load(tile_row_ptr + t)
+        w_ptrs = qw_ptr + tl.load(tile_qrow_ptr + t).to(tl.int64) * stride_qw + rn
+        scale = _column_scales(qs_ptr, stride_qs, smax_ptr, tl.load(tile_group_ptr + t), rn, mn)
+        if bits == 4:
+            acc = _tile_product(acc, w_ptrs, stride_qw, x_ptrs, dest_ptr + row, scale, mn, mm,
+                                 BITS=4, ROWS=32)
+        elif bits == 3:
+            acc = _tile_product(acc, w_ptrs, stride_qw, x_ptrs, dest_ptr + row, scale, mn, mm,
+                                 BITS=3, ROWS=32)
+        elif bits == 5:
+            acc = _tile_product(acc, w_ptrs, stride_qw, x_ptrs, dest_ptr + row, scale, mn, mm,
+                                 BITS=5, ROWS=32)
+        elif bits == 6:
+            acc = _tile_product(acc, w_ptrs, stride_qw, x_ptrs, dest_ptr + row, scale, mn, mm,
+                                 BITS=6, ROWS=32)
+        elif bits == 2:
+            acc = _tile_product(acc, w_ptrs, stride_qw, x_ptrs, dest_ptr + row, scale, mn, mm,
+                                 BITS=2, ROWS=16)
+        else:
+            acc = _tile_product(acc, w_ptrs, stride_qw, x_ptrs, dest_ptr + row, scale, mn, mm,
+                                 BITS=8, ROWS=32)
+    tl.store(part_ptr + (pid_k * M + rm[:, None]) * N + rn[None, :], acc, mask=mm[:, None] & mn[None, :])
+
+
+@triton.jit
+def split_sum_kernel(part_ptr, bias_ptr, y_ptr, SPLITS, MN, N, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+    """One program sums the ``SPLITS`` float32 partial products of :func:`gemv_kernel` for
+    ``BLOCK`` consecutive outputs of ``y`` ``[M, N]`` in a fixed order (so results are
+    deterministic), adds the bias and stores in y's dtype."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < MN
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in range(SPLITS):
+        acc += tl.load(part_ptr + s * MN + offs, mask=mask, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def gptq_group_kernel(w_ptr, u_ptr, stride_u, scale_ptr, code_ptr, err_ptr, R, N, bits,
+                      BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
+    """GPTQ inside one group (spec 7.3; exllamav2 ``quantize_func``): one program owns columns
+    ``[pid * BLOCK_N, +BLOCK_N)`` of the group's ``R <= BLOCK_R`` rows ``w`` (float32 ``[R, N]``),
+    held in registers. Row by row: encode row ``r`` under the column scales, store its codes and
+    its scaled error ``e = (w_r - value) / u[r, r]``, and feed ``u[r, r'] * e`` back into every
+    later row ``r' > r`` of the group. ``u`` is the group's diagonal block of the upper Cholesky
+    factor of the inverse Hessian; the update of later groups is one GEMM on the host."""
+    rr = tl.arange(0, BLOCK_R)
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mn = rn < N
+    mask = (rr[:, None] < R) & mn[None, :]
+    w = tl.load(w_ptr + rr[:, None] * N + rn[None, :], mask=mask, other=0.0)
+    s = tl.load(scale_ptr + rn, mask=mn, other=1.0)
+    zero = (1 << (bits - 1)) * 1.0
+    maxq = ((1 << bits) - 1) * 1.0
+    for r in range(R):
+        row = tl.sum(tl.where(rr[:, None] == r, w, 0.0), axis=0)  # exact: one term, the rest zeros
+        q = tl.minimum(tl.maximum(_rint(tl.math.div_rn(row, s)) + zero, 0.0), maxq)
+        value = ((q - zero) * s).to(tl.float16).to(tl.float32)
+        e = tl.math.div_rn(row - value, tl.load(u_ptr + r * stride_u + r))
+        tl.store(code_ptr + r * N + rn, q.to(tl.int64), mask=mn)
+        tl.store(err_ptr + r * N + rn, e, mask=mn)
+        u_row = tl.load(u_ptr + r * stride_u + rr, mask=(rr > r) & (rr < R), other=0.0)
+        w = w - u_row[:, None] * e[None, :]

@@ -2,54 +2,72 @@
 
 from __future__ import annotations
 
-import functools
-import os
-
 import torch
 import triton
 
 from ..errors import FormatError
 from ..format import BLOCKS
 from ..qmatrix import QMatrix
-from ..reference import encode as reference_encode
 from . import kernels
-from .plan import row_table, word_table
+from .plan import cached, row_table, tile_table, word_table
 
 #: Above this many rows of x, ``matmul`` dequantizes once and calls ``torch.matmul``. A guess
 #: until measured on a GPU (benchmarks/gpu.sh); decoding is memory bound, the fused kernel wins
 #: while x is small.
 MATMUL_CROSSOVER_M = 32
 
-#: Up to this many rows of x, ``matmul`` uses the split-K GEMV kernel (CUDA cores, atomics);
-#: above it, the fused tensor-core kernel.
+#: Up to this many rows of x, ``matmul`` uses the split-K GEMV kernel (CUDA cores, every
+#: q_weight word read once); above it, the fused tensor-core kernel. A guess until measured.
 GEMV_MAX_M = 4
-#: Stored rows each GEMV program decodes.
-GEMV_K_PER_PROGRAM = 256
+#: Columns per GEMV program (coalesced q_weight loads along N) and its warps.
+GEMV_BLOCK_N, GEMV_WARPS = 256, 4
+#: The GEMV splits K until about this many programs per streaming multiprocessor are in flight.
+GEMV_PROGRAMS_PER_SM = 4
 
+#: Tile of the dequantize and fused matmul kernels.
 BLOCK_K, BLOCK_N = 32, 64
+
+#: GPTQ groups up to this many rows run as one kernel per group (rows held in registers);
+#: larger groups run row by row (an encode kernel per row, the feedback in torch).
+GPTQ_GROUP_MAX_ROWS = 256
+GPTQ_BLOCK_N = 32
 
 
 def interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """Whether the kernels run under Triton's interpreter (decided when triton decorated them,
+    from ``TRITON_INTERPRET`` at that time)."""
+    return not isinstance(kernels.dequantize_kernel, triton.runtime.JITFunction)
 
 
-def _check_device(t: torch.Tensor) -> None:
-    if t.is_cuda == interpreted():
-        where = "CPU" if interpreted() else "GPU"
-        raise FormatError(f"the fast path needs tensors on the {where} here; move the QMatrix with qm.to(...)")
+def check_device(t: torch.Tensor, what: str = "the QMatrix") -> None:
+    """Compiled kernels need GPU tensors; Triton's interpreter (``TRITON_INTERPRET=1``, set before
+    triton is imported) needs CPU tensors. Anything else is refused before a launch."""
+    if interpreted() and t.device.type != "cpu":
+        raise RuntimeError(f"exl2.fast runs under Triton's interpreter here (TRITON_INTERPRET=1) and needs CPU "
+                           f"tensors; {what} is on {t.device}")
+    if not interpreted() and not t.is_cuda:
+        raise RuntimeError(f"exl2.fast needs GPU tensors ({what} is on {t.device}); move it with .to('cuda'), or "
+                           f"set TRITON_INTERPRET=1 before importing triton to run the kernels slowly on the CPU")
 
 
 def check(qm: QMatrix) -> None:
-    """Refuse a malformed QMatrix before any launch, with the validator's first error finding."""
-    if getattr(qm, "_fast_checked", False):
-        return
+    """Refuse a malformed QMatrix before any launch, with the validator's first error finding
+    (the structural rules were checked when the QMatrix was built; this adds the value rules of
+    spec/findings.md, e.g. padded columns that do not decode to 0). Also the device and layout.
+    Done once per contents of the QMatrix."""
+    cached(qm, "_fast_checked", _check)
+
+
+def _check(qm: QMatrix) -> bool:
     from ..conformance.rules import check_qmatrix
 
     errors = [f for f in check_qmatrix(qm) if f.severity == "error"]
     if errors:
         raise FormatError(f"{errors[0].code}: {errors[0].message}", tensor=errors[0].tensor)
-    _check_device(qm.q_weight)
-    object.__setattr__(qm, "_fast_checked", True)
+    check_device(qm.q_weight)
+    if not all(t.is_contiguous() for t in (qm.q_weight, qm.q_scale, qm.q_scale_max, qm.q_invperm)):
+        raise ValueError("exl2.fast needs contiguous QMatrix tensors (as read from a file); use .contiguous()")
+    return True
 
 
 def dequantize(qm: QMatrix) -> torch.Tensor:
@@ -67,46 +85,101 @@ def dequantize(qm: QMatrix) -> torch.Tensor:
 
 def matmul(x: torch.Tensor, qm: QMatrix) -> torch.Tensor:
     """``x @ B + bias`` for ``x`` ``[..., in_features]``; ``[..., out_features]`` in x's dtype
-    (spec 6.5, within the bound of 8.2.1). Three paths by the rows M of x: split-K GEMV for
-    M <= :data:`GEMV_MAX_M`, the fused tensor-core kernel up to :data:`MATMUL_CROSSOVER_M`,
-    dequantize + ``torch.matmul`` above."""
+    (spec 6.5, within the bound of 8.2.1). Three paths by the rows M of x: :func:`gemv` for
+    M <= :data:`GEMV_MAX_M`, :func:`fused_matmul` up to :data:`MATMUL_CROSSOVER_M`,
+    :func:`dequantize_matmul` above."""
     check(qm)
     if x.shape[-1] != qm.in_features:
         raise ValueError(f"x has {x.shape[-1]} features, the layer takes {qm.in_features}")
+    if not x.is_floating_point():
+        raise ValueError(f"x must be a float tensor, is {x.dtype}")
+    if x.device != qm.q_weight.device:
+        raise ValueError(f"x is on {x.device}, the layer on {qm.q_weight.device}")
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, qm.in_features)
+    x2 = x.reshape(-1, qm.in_features).contiguous()
+    m = x2.shape[0]
+    if m == 0:
+        y = x.new_empty((0, qm.out_features))
+    elif m <= GEMV_MAX_M:
+        y = gemv(x2, qm)
+    elif m <= MATMUL_CROSSOVER_M:
+        y = fused_matmul(x2, qm)
+    else:
+        y = dequantize_matmul(x2, qm)
+    return y.reshape(*lead, qm.out_features)
+
+
+def dequantize_matmul(x2: torch.Tensor, qm: QMatrix) -> torch.Tensor:
+    """``x2 @ B + bias`` for ``x2`` ``[M, K]`` through :func:`dequantize` and ``torch.matmul``
+    (float32 accumulation: float16 and bfloat16 GEMMs accumulate in float32, float32 x multiplies
+    in float32)."""
+    b = dequantize(qm)[:, :qm.out_features]
+    y = x2 @ b.to(x2.dtype)  # bfloat16 x: the weights rounded to bfloat16, inside its bound (8.2.1)
+    if qm.bias is not None:
+        y = y + qm.bias.to(y.dtype)
+    return y
+
+
+def fused_matmul(x2: torch.Tensor, qm: QMatrix) -> torch.Tensor:
+    """``x2 @ B + bias`` for ``x2`` ``[M, K]`` with the fused tensor-core kernel
+    (:func:`kernels.matmul_kernel`): weights decoded tile by tile, never written out."""
+    check(qm)
     m, n = x2.shape[0], qm.out_features
-    if m > MATMUL_CROSSOVER_M:
-        b = dequantize(qm)[:, :n]
-        y = (x2.to(torch.float32) @ b.to(torch.float32)) if x2.dtype != torch.float16 else x2 @ b
-        if qm.bias is not None:
-            y = y + qm.bias.to(y.dtype)
-        return y.to(x.dtype).reshape(*lead, n)
     t = row_table(qm)
     x_perm = x2[:, t.dest.to(torch.int64)].contiguous()  # x_perm[:, k] multiplies stored row k
-    if m <= GEMV_MAX_M:
-        y32 = torch.zeros((m, n), dtype=torch.float32, device=x.device)
-        grid = (triton.cdiv(n, BLOCK_N), triton.cdiv(qm.in_features, GEMV_K_PER_PROGRAM))
-        kernels.gemv_kernel[grid](x_perm, x_perm.stride(0), qm.q_weight, qm.q_weight.stride(0), qm.q_scale,
-                                  qm.q_scale.stride(0), qm.q_scale_max, t.qrow, t.shift, t.bits, t.group, y32, m, n,
-                                  qm.in_features, K_PER_PROGRAM=GEMV_K_PER_PROGRAM, M_MAX=GEMV_MAX_M,
-                                  BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
-        if qm.bias is not None:
-            y32 += qm.bias.to(torch.float32)
-        return y32.to(x.dtype).reshape(*lead, n)
-    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    y = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
     block_m = 16
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, BLOCK_N))
     bias = qm.bias if qm.bias is not None else y
     kernels.matmul_kernel[grid](x_perm, x_perm.stride(0), qm.q_weight, qm.q_weight.stride(0), qm.q_scale,
                                 qm.q_scale.stride(0), qm.q_scale_max, t.qrow, t.shift, t.bits, t.group, bias, y,
                                 y.stride(0), m, n, qm.in_features, HAS_BIAS=qm.bias is not None,
-                                X_IS_F16=x.dtype == torch.float16, BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
-    return y.reshape(*lead, n)
+                                X_IS_F16=x2.dtype == torch.float16, BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
+    return y
+
+
+def gemv_splits(tiles: int, column_blocks: int, device: torch.device) -> int:
+    """How many parts the GEMV splits K into: enough programs to fill the GPU
+    (:data:`GEMV_PROGRAMS_PER_SM` per multiprocessor), at most one per tile. Under the
+    interpreter, as if there were 2 multiprocessors (so tests cover the split)."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
+    return max(1, min(tiles, triton.cdiv(GEMV_PROGRAMS_PER_SM * sms, column_blocks)))
+
+
+def gemv(x2: torch.Tensor, qm: QMatrix, splits: int | None = None) -> torch.Tensor:
+    """``x2 @ B + bias`` for ``x2`` ``[M, K]`` with ``M <= GEMV_MAX_M``: split-K partial products
+    (:func:`kernels.gemv_kernel`), then their sum in a fixed order plus the bias
+    (:func:`kernels.split_sum_kernel`): two launches, deterministic. ``splits`` overrides
+    :func:`gemv_splits`."""
+    check(qm)
+    if x2.dim() != 2 or not 0 < x2.shape[0] <= GEMV_MAX_M or x2.shape[1] != qm.in_features:
+        raise ValueError(f"gemv takes x [1..{GEMV_MAX_M}, {qm.in_features}], not {list(x2.shape)}")
+    if x2.device != qm.q_weight.device:
+        raise ValueError(f"x is on {x2.device}, the layer on {qm.q_weight.device}")
+    x2 = x2.contiguous()
+    m, n = x2.shape[0], qm.out_features
+    t = tile_table(qm)
+    dest = row_table(qm).dest
+    column_blocks = triton.cdiv(n, GEMV_BLOCK_N)
+    splits = splits or gemv_splits(t.count, column_blocks, x2.device)
+    per_program = triton.cdiv(t.count, splits)
+    splits = triton.cdiv(t.count, per_program)
+    part = torch.empty((splits, m, n), dtype=torch.float32, device=x2.device)
+    kernels.gemv_kernel[(column_blocks, splits)](
+        x2, x2.stride(0), dest, qm.q_weight, qm.q_weight.stride(0), qm.q_scale, qm.q_scale.stride(0), qm.q_scale_max,
+        t.bits, t.row, t.qrow, t.group, part, m, n, t.count, per_program,
+        M_MAX=triton.next_power_of_2(m), BLOCK_N=GEMV_BLOCK_N, num_warps=GEMV_WARPS)
+    y = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
+    block = 1024
+    bias = qm.bias if qm.bias is not None else y
+    kernels.split_sum_kernel[(triton.cdiv(m * n, block),)](part, bias, y, splits, m * n, n,
+                                                          HAS_BIAS=qm.bias is not None, BLOCK=block)
+    return y
 
 
 def encode_rows(w: torch.Tensor, scale: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """As :func:`exl2.reference.encode_rows`, on a Triton kernel: codes (int64) and decoded values."""
+    check_device(w, "w")
     w2 = w.reshape(-1, w.shape[-1]).to(torch.float32).contiguous()
     r, n = w2.shape
     codes = torch.empty((r, n), dtype=torch.int64, device=w.device)
@@ -119,6 +192,7 @@ def encode_rows(w: torch.Tensor, scale: torch.Tensor, bits: int) -> tuple[torch.
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """As :func:`exl2.reference.pack_codes`, on a Triton kernel: q_weight words of one group."""
+    check_device(codes, "codes")
     rows, n = codes.shape
     blk = BLOCKS[bits]
     if rows % blk.rows:
@@ -132,6 +206,3 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return out
 
 
-#: The reference's encoder (scale search, act-order, GPTQ) running codes and packing on kernels.
-quantize = functools.wraps(reference_encode.quantize)(
-    functools.partial(reference_encode.quantize, encode=encode_rows, pack_group=pack_codes))

@@ -6,8 +6,12 @@ row ``q_perm[k]``. The code of row ``k`` in column ``n`` is then
 
     ((w[qrow, n] >> shift) | (w[qrow + 1, n] << (32 - shift))) & (2^bits - 1)
 
-where the second word is needed only when ``shift + bits > 32`` (a straddling code). The tables
-are derived from the group table alone; q_weight is used as the file stores it.
+where the second word is needed only when ``shift + bits > 32`` (a straddling code).
+
+The GEMV works per tile instead (:class:`TileTable`): 32 stored rows (16 in 2-bit groups), which
+never cross a group and start on a word boundary, so within a tile every shift is a compile-time
+constant of the width. The tables are derived from the group table alone; q_weight is used as
+the file stores it. Tables are cached on the QMatrix and rebuilt when its tensors change.
 """
 
 from __future__ import annotations
@@ -16,8 +20,27 @@ from dataclasses import dataclass
 
 import torch
 
-from ..format import BLOCKS
+from ..format import BLOCKS, row_granule
 from ..qmatrix import QMatrix
+
+
+def contents_key(qm: QMatrix) -> tuple:
+    """Identifies the current contents of ``qm``'s tensors: their storage and their version
+    counters (bumped by every in-place change), so that caches kept on a QMatrix are rebuilt
+    after its tensors are replaced or modified."""
+    tensors = (qm.q_weight, qm.q_scale, qm.q_scale_max, qm.q_groups, qm.q_invperm, qm.bias)
+    return tuple((t.data_ptr(), t._version) if t is not None else None for t in tensors)
+
+
+def cached(qm: QMatrix, name: str, build):
+    """``build(qm)``, kept on ``qm`` under ``name`` while :func:`contents_key` is unchanged."""
+    key = contents_key(qm)
+    hit = getattr(qm, name, None)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    value = build(qm)
+    object.__setattr__(qm, name, (key, value))
+    return value
 
 
 @dataclass(frozen=True)
@@ -37,10 +60,11 @@ def _per_group(qm: QMatrix, device: torch.device) -> tuple[torch.Tensor, ...]:
 
 
 def row_table(qm: QMatrix) -> RowTable:
-    """The per-row table of ``qm`` (built once per QMatrix and cached on it)."""
-    cached = getattr(qm, "_fast_row_table", None)
-    if cached is not None:
-        return cached
+    """The per-row table of ``qm`` (cached on it)."""
+    return cached(qm, "_fast_row_table", _build_row_table)
+
+
+def _build_row_table(qm: QMatrix) -> RowTable:
     device = qm.q_weight.device
     bits, row, rows, qrow, block_rows, block_words = _per_group(qm, device)
     group = torch.repeat_interleave(torch.arange(len(rows), device=device), rows)
@@ -54,7 +78,6 @@ def row_table(qm: QMatrix) -> RowTable:
         group=group.to(torch.int32),
         dest=qm.q_perm.to(device),
     )
-    object.__setattr__(qm, "_fast_row_table", table)
     return table
 
 
@@ -65,3 +88,43 @@ def word_table(rows: int, bits: int, device: torch.device) -> tuple[torch.Tensor
     words = rows // blk.rows * blk.words
     q = torch.arange(words, device=device)
     return ((q // blk.words) * blk.rows).to(torch.int32), (q % blk.words).to(torch.int32)
+
+
+def tile_rows(bits: int) -> int:
+    """Rows of one GEMV tile of a ``bits``-bit group: the row granule of spec 4.4 (32, or 16 for
+    2-bit groups). Every group is a whole number of tiles, so a tile never crosses a group (one
+    scale per column) and starts on a word boundary (its codes are whole blocks)."""
+    return row_granule(bits)
+
+
+@dataclass(frozen=True)
+class TileTable:
+    """Per tile of stored rows, in order: width, first stored row, first q_weight row, group
+    (int32 ``[tiles]`` each)."""
+
+    bits: torch.Tensor
+    row: torch.Tensor
+    qrow: torch.Tensor
+    group: torch.Tensor
+
+    @property
+    def count(self) -> int:
+        return self.bits.numel()
+
+
+def tile_table(qm: QMatrix) -> TileTable:
+    """The GEMV tile table of ``qm`` (cached on it)."""
+    return cached(qm, "_fast_tile_table", _build_tile_table)
+
+
+def _build_tile_table(qm: QMatrix) -> TileTable:
+    bits, row, qrow, group = [], [], [], []
+    for g in qm.groups:
+        t = tile_rows(g.bits)
+        for i in range(0, g.rows, t):
+            bits.append(g.bits)
+            row.append(g.row + i)
+            qrow.append(g.qrow + i * g.bits // 32)
+            group.append(g.index)
+    as_tensor = lambda xs: torch.tensor(xs, dtype=torch.int32, device=qm.q_weight.device)  # noqa: E731
+    return TileTable(as_tensor(bits), as_tensor(row), as_tensor(qrow), as_tensor(group))

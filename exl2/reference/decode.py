@@ -32,20 +32,24 @@ def column_scales(qm: QMatrix) -> torch.Tensor:
     return (squares * group_max_scales(qm).to(torch.float32)[:, None]).to(torch.float16)
 
 
-def _groups(qm: QMatrix):
-    """Per group: its row range and its float16 values ``[rows, N]`` (spec 6.3)."""
+def group_values(qm: QMatrix):
+    """Per group: the group and its float16 values ``[rows, N]`` in stored order (spec 6.3).
+
+    ``half((q - 2^(b-1)) * scale)``: ``q - 2^(b-1)`` is a small integer and the scale a float16
+    value, so their float32 product is exact and the conversion to float16 is the one rounding,
+    as ``__hmul2`` rounds in exllamav2's reconstruct kernel. One group at a time keeps the
+    float32 intermediates small."""
     scales = column_scales(qm).to(torch.float32)
     for g in qm.groups:
-        codes = unpack_codes(qm.q_weight[g.qrow:g.qrow + g.qrows], g.bits)[:g.rows]
-        # q - 2^(b-1) is a small integer, exact in float16; times the float16 scale, rounded once.
-        centered = (codes - zero_point(g.bits)).to(torch.float32)
-        yield g, (centered * scales[g.index]).to(torch.float16)
+        codes = unpack_codes(qm.q_weight[g.qrow:g.qrow + g.qrows], g.bits, dtype=torch.int32)[:g.rows]
+        values = codes.to(torch.float32).sub_(zero_point(g.bits)).mul_(scales[g.index])
+        yield g, values.to(torch.float16)
 
 
 def dequantize_stored(qm: QMatrix) -> torch.Tensor:
     """float16 ``[in_features, N]`` in stored (act-order) row order (spec 6.3)."""
     out = torch.empty((qm.in_features, qm.out_features_padded), dtype=torch.float16, device=qm.q_weight.device)
-    for g, values in _groups(qm):
+    for g, values in group_values(qm):
         out[g.row:g.row + g.rows] = values
     return out
 
@@ -57,7 +61,7 @@ def dequantize(qm: QMatrix) -> torch.Tensor:
     ``B[j] = stored[q_invperm[j]]``. Bit-identical to exllamav2's ``QMatrix::reconstruct``."""
     out = torch.empty((qm.in_features, qm.out_features_padded), dtype=torch.float16, device=qm.q_weight.device)
     q_perm = qm.q_perm.to(device=out.device, dtype=torch.int64)
-    for g, values in _groups(qm):
+    for g, values in group_values(qm):
         out.index_copy_(0, q_perm[g.row:g.row + g.rows], values)
     return out
 

@@ -95,7 +95,7 @@ def encode_rows(w: torch.Tensor, scale: torch.Tensor, bits: int) -> tuple[torch.
     and round-half-to-even; the decoded value is ``half(half(q - z) * half(s))``."""
     maxq = (1 << bits) - 1
     z = zero_point(bits)
-    q = torch.clamp(torch.round(w / scale) + z, 0, maxq)
+    q = torch.clamp(torch.round(w / scale) + z, 0, maxq).nan_to_num(nan=maxq)  # CUDA clamp: NaN (0/0) -> maxq
     value = ((q - z) * scale).to(torch.float16).to(torch.float32)
     return q.to(torch.int64), value
 

@@ -8,8 +8,9 @@ offset ``i * bits``, and the string is cut into 32-bit words, word ``w`` holding
 - q_weight packs along rows (axis 0), each column on its own, blocks from :data:`exl2.format.BLOCKS`.
 - q_scale packs 4-bit codes along columns (axis 1): a block of 8 columns in 1 word.
 
-Both functions work on int64 tensors internally so that shifts and masks are exact, and return
-the file's dtype (int32, whose bit pattern is the unsigned word).
+Packing works on int64 tensors internally so that shifts and masks are exact, and returns the
+file's dtype (int32, whose bit pattern is the unsigned word); unpacking reads the int32 words as
+they are (see :func:`unpack_bits`).
 """
 
 from __future__ import annotations
@@ -50,23 +51,32 @@ def pack_bits(codes: torch.Tensor, bits: int, rows: int, words: int) -> torch.Te
     return _to_int32(packed.reshape(n * words, -1))
 
 
-def unpack_bits(packed: torch.Tensor, bits: int, rows: int, words: int) -> torch.Tensor:
-    """Inverse of :func:`pack_bits`: int32 words ``[n * words, C]`` to int64 codes ``[n * rows, C]``.
+def unpack_bits(packed: torch.Tensor, bits: int, rows: int, words: int,
+                dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    """Inverse of :func:`pack_bits`: int32 words ``[n * words, C]`` to codes ``[n * rows, C]``
+    (``dtype``, int64 unless asked otherwise).
 
     Code ``i`` of a block starts at bit ``o = i * bits``: in word ``o // 32`` at shift ``o % 32``,
-    and when ``o % 32 + bits > 32`` it continues in the next word (a straddling code)."""
+    and when ``o % 32 + bits > 32`` it continues in the next word (a straddling code).
+
+    Works on the int32 words directly, one code position of the block at a time across all blocks
+    and columns: an arithmetic right shift followed by a mask keeps exactly the code's bits, so no
+    int64 copy of the words is needed."""
     n = packed.shape[0] // words
     if n * words != packed.shape[0]:
         raise ValueError(f"{packed.shape[0]} words is not a whole number of {words}-word blocks")
-    p = (packed.to(torch.int64) & 0xFFFFFFFF).reshape(n, words, -1)
-    offset = torch.arange(rows, device=packed.device) * bits
-    word, shift = offset // 32, (offset % 32)[None, :, None]
-    codes = p[:, word] >> shift  # [n, rows, C]
-    straddles = (offset % 32 + bits > 32).nonzero().flatten()
-    if straddles.numel():  # only 3-, 5- and 6-bit blocks have codes that cross a word boundary
-        s = straddles
-        codes[:, s] |= p[:, word[s] + 1] << (32 - shift[:, s])
-    return (codes & ((1 << bits) - 1)).reshape(n * rows, -1)
+    p = packed.to(torch.int32).reshape(n, words, -1)
+    codes = torch.empty((n, rows, p.shape[-1]), dtype=torch.int32, device=packed.device)
+    for i in range(rows):
+        word, shift = divmod(i * bits, 32)
+        code = codes[:, i]
+        torch.bitwise_right_shift(p[:, word], shift, out=code)
+        low_bits = min(bits, 32 - shift)  # the bits of the code that lie in this word
+        code.bitwise_and_((1 << low_bits) - 1)
+        if low_bits < bits:  # only 3-, 5- and 6-bit blocks have codes that cross a word boundary
+            high = p[:, word + 1] & ((1 << (bits - low_bits)) - 1)
+            code.bitwise_or_(high << low_bits)
+    return codes.reshape(n * rows, -1).to(dtype)
 
 
 def _to_int32(x: torch.Tensor) -> torch.Tensor:
@@ -82,10 +92,11 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return pack_bits(codes, bits, b.rows, b.words)
 
 
-def unpack_codes(words: torch.Tensor, bits: int) -> torch.Tensor:
-    """Codes ``[qrows * 32 / bits, C]`` (int64) of one group from its q_weight words ``[qrows, C]``."""
+def unpack_codes(words: torch.Tensor, bits: int, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    """Codes ``[qrows * 32 / bits, C]`` (``dtype``, int64 by default) of one group from its
+    q_weight words ``[qrows, C]``."""
     b = BLOCKS[bits]
-    return unpack_bits(words, bits, b.rows, b.words)
+    return unpack_bits(words, bits, b.rows, b.words, dtype)
 
 
 def pack_scales(codes: torch.Tensor) -> torch.Tensor:
