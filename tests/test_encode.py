@@ -309,9 +309,6 @@ def test_all_zero_group(gptq):
     assert np.abs(b[32:, :40] - w.T[32:].numpy()).max() <= 4 * step  # the other group is quantized normally
 
 
-@pytest.mark.xfail(strict=True, reason="spec 6.1 / validator EXL2-S001 reject q_scale_max = 0, which exllamav2's "
-                                       "converter writes for a group whose maximum underflows in float16 "
-                                       "(e.g. all-zero input rows); reported to the lead")
 def test_validator_accepts_what_the_converter_writes_for_a_zero_group(tmp_path):
     from exl2.conformance.validate import validate_path
     from exl2.io import save_qmatrix

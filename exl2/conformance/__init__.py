@@ -9,8 +9,9 @@ hypothesis strategies (public API for kernel authors).
 - :mod:`exl2.conformance.pytest_plugin` — ``conformance_test(...)`` for your own CI.
 """
 
-from .findings import CATALOGUE, Finding, finding
+from .findings import CATALOGUE, CodeInfo, Finding, errors_of, finding
 from .rules import check_layer, check_qmatrix
-from .validate import Report, validate_path
+from .validate import LayerStats, Report, Summary, validate_path
 
-__all__ = ["CATALOGUE", "Finding", "Report", "check_layer", "check_qmatrix", "finding", "validate_path"]
+__all__ = ["CATALOGUE", "CodeInfo", "Finding", "LayerStats", "Report", "Summary", "check_layer", "check_qmatrix",
+           "errors_of", "finding", "validate_path"]

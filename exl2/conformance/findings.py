@@ -140,8 +140,9 @@ CATALOGUE: dict[str, CodeInfo] = _entries(
      "A stored q_perm is not int32 [K] or not the inverse of q_invperm. Loaders recompute it; remove it or "
      "fix it."),
     # scales and padding
-    ("EXL2-S001", "error", "q_scale_max not finite and positive", "6.1",
-     "A q_scale_max entry is NaN, infinite, zero or negative."),
+    ("EXL2-S001", "error", "q_scale_max not finite and non-negative", "6.1",
+     "A q_scale_max entry is NaN, infinite or negative (zero is legal: the converter writes it for a group "
+     "whose maximum underflows in float16, e.g. all-zero rows)."),
     ("EXL2-S002", "info", "q_scale_max / 256 is a float16 subnormal", "6.1",
      "A q_scale_max entry is below 2^-6, so exllamav2's division by 256 gives a float16 subnormal and "
      "loses bits. Legal and common for 8-bit groups; decoders must not flush it to zero."),

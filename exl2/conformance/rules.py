@@ -134,10 +134,10 @@ class _LayerCheck:
 
     def scale_maxima(self, smax: torch.Tensor) -> None:
         s = smax.to(torch.float32)
-        bad = ~torch.isfinite(s) | (s <= 0)
+        bad = ~torch.isfinite(s) | (s < 0)  # 0 is legal: exllamav2 writes it for an all-zero group
         if bad.any():
             i = int(bad.nonzero()[0])
-            self.add("EXL2-S001", "q_scale_max", f"{int(bad.sum())} group(s) not finite and positive (group {i}: {float(s[i])})")
+            self.add("EXL2-S001", "q_scale_max", f"{int(bad.sum())} group(s) not finite and non-negative (group {i}: {float(s[i])})")
         sub = torch.isfinite(s) & (s > 0) & (s / 256 < 2.0**-14)
         if sub.any():
             self.add("EXL2-S002", "q_scale_max", f"{int(sub.sum())} group(s) decode through a float16 subnormal "

@@ -447,7 +447,6 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation("EXL2-P002", "q-perm-not-inverse", _wrong_q_perm),
     Mutation("EXL2-P002", "q-perm-int16", _int16_q_perm),
     Mutation("EXL2-S001", "q-scale-max-negative", _edit("q_scale_max", _set_at(0, -1.0))),
-    Mutation("EXL2-S001", "q-scale-max-zero", _edit("q_scale_max", _set_at(0, 0.0))),
     Mutation("EXL2-S001", "q-scale-max-inf", _edit("q_scale_max", _set_at(0, float("inf")))),
     Mutation("EXL2-S001", "q-scale-max-nan", _edit("q_scale_max", _set_at(0, float("nan")))),
     Mutation("EXL2-S003", "padded-codes-zero", _zero_padded_codes, _padded),

@@ -117,7 +117,7 @@ def encode_kernel(w_ptr, scale_ptr, code_ptr, value_ptr, R, N, bits,
     s = tl.load(scale_ptr + rn, mask=rn < N, other=1.0)[None, :]
     zero = (1 << (bits - 1)) * 1.0
     maxq = ((1 << bits) - 1) * 1.0
-    q = tl.minimum(tl.maximum(_rint(tl.math.div_rn(w, s)) + zero, 0.0), maxq)
+    q = tl.maximum(tl.minimum(_rint(tl.math.div_rn(w, s)) + zero, maxq), 0.0)  # NaN -> top code, as CUDA fmaxf/fminf
     value = ((q - zero) * s).to(tl.float16).to(tl.float32)
     tl.store(code_ptr + rr[:, None] * N + rn[None, :], q.to(tl.int64), mask=mask)
     tl.store(value_ptr + rr[:, None] * N + rn[None, :], value, mask=mask)
@@ -280,7 +280,7 @@ def gptq_group_kernel(w_ptr, u_ptr, stride_u, scale_ptr, code_ptr, err_ptr, R, N
     maxq = ((1 << bits) - 1) * 1.0
     for r in range(R):
         row = tl.sum(tl.where(rr[:, None] == r, w, 0.0), axis=0)  # exact: one term, the rest zeros
-        q = tl.minimum(tl.maximum(_rint(tl.math.div_rn(row, s)) + zero, 0.0), maxq)
+        q = tl.maximum(tl.minimum(_rint(tl.math.div_rn(row, s)) + zero, maxq), 0.0)
         value = ((q - zero) * s).to(tl.float16).to(tl.float32)
         e = tl.math.div_rn(row - value, tl.load(u_ptr + r * stride_u + r))
         tl.store(code_ptr + r * N + rn, q.to(tl.int64), mask=mn)
