@@ -30,6 +30,13 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.shape == b.shape and torch.equal(a.view(torch.int16), b.view(torch.int16))
 
 
+
+def exact_product(x: torch.Tensor, qm):
+    """The reference's decoded matrix and ``x @ B + bias`` in float64 (spec 6.5)."""
+    b = reference.dequantize(qm)
+    y = x.double() @ b[:, : qm.out_features].double()
+    return b, (y + qm.bias.double() if qm.bias is not None else y)
+
 @settings(max_examples=15)
 @given(qm=qmatrices(**SMALL))
 def test_dequantize_is_bit_exact(qm):
@@ -41,10 +48,7 @@ def test_dequantize_is_bit_exact(qm):
 def test_matmul_within_bound(qm, data, dtype):
     x = data.draw(matmul_inputs(qm, max_m=64, dtype=dtype))
     y = fast.matmul(dev(x), dev(qm)).cpu()
-    b = reference.dequantize(qm)
-    y_ref = x.double() @ b[:, : qm.out_features].double()
-    if qm.bias is not None:
-        y_ref = y_ref + qm.bias.double()
+    b, y_ref = exact_product(x, qm)
     assert y.dtype == dtype and y.shape == (x.shape[0], qm.out_features)
     assert matmul_within_bound(y, y_ref, x, b, qm.bias)
 
@@ -56,10 +60,7 @@ def test_gemv_within_bound_for_any_split(qm, data, splits, dtype):
     """The split-K GEMV (M <= GEMV_MAX_M) for every width and split of K into parts."""
     x = data.draw(matmul_inputs(qm, max_m=fast.GEMV_MAX_M, dtype=dtype))
     y = ops.gemv(dev(x), dev(qm), splits).cpu()
-    b = reference.dequantize(qm)
-    y_ref = x.double() @ b[:, : qm.out_features].double()
-    if qm.bias is not None:
-        y_ref = y_ref + qm.bias.double()
+    b, y_ref = exact_product(x, qm)
     assert y.dtype == dtype and y.shape == (x.shape[0], qm.out_features)
     assert matmul_within_bound(y, y_ref, x, b, qm.bias)
 

@@ -116,16 +116,32 @@ def _inverse_hessian_factor(h: torch.Tensor) -> torch.Tensor:
     raise ValueError("Hessian is not invertible, even with extra damping")
 
 
+def gptq_group(w: torch.Tensor, u: torch.Tensor, scale: torch.Tensor, bits: int, *,
+               encode: Callable = encode_rows) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPTQ's row loop inside one group (spec 7.1): codes (int64) and scaled errors (float32) of
+    the group's rows ``w`` ``[R, N]``, ``u`` the group's ``[R, R]`` diagonal block of the
+    inverse-Hessian factor. ``w`` is not changed."""
+    w = w.clone()
+    codes = torch.empty(w.shape, dtype=torch.int64, device=w.device)
+    err = torch.empty_like(w)
+    for r in range(w.shape[0]):
+        codes[r], value = encode(w[r], scale, bits)
+        err[r] = (w[r] - value) / u[r, r]
+        # Feed the error forward to the rows of this group not yet quantized.
+        w[r + 1:] -= u[r, r + 1:, None] * err[r][None, :]
+    return codes, err
+
+
 def quantize(weight: torch.Tensor, qparams: QParams, hessian: torch.Tensor | None = None,
              bias: torch.Tensor | None = None, *, encode: Callable = encode_rows,
-             pack_group: Callable = pack_codes) -> QMatrix:
+             pack_group: Callable = pack_codes, group_loop: Callable | None = None) -> QMatrix:
     """Encode ``weight`` (``[out_features, in_features]``, any float dtype) to a QMatrix.
 
     Without ``hessian``: round-to-nearest per group, rows in their original order. With
     ``hessian`` (``[in_features, in_features]``, the mean of ``X^T X`` over calibration inputs):
-    act-order and GPTQ's error feedback. ``encode`` (as :func:`encode_rows`) and ``pack_group``
-    (as :func:`pack_codes`) let another engine (``exl2.fast``) run the same algorithm on its own
-    kernels."""
+    act-order and GPTQ's error feedback. ``encode`` (as :func:`encode_rows`), ``pack_group``
+    (as :func:`pack_codes`) and ``group_loop`` (as :func:`gptq_group`) let another engine
+    (``exl2.fast``) run the same algorithm on its own kernels."""
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D, has shape {list(weight.shape)}")
     out_features, in_features = weight.shape
@@ -155,14 +171,11 @@ def quantize(weight: torch.Tensor, qparams: QParams, hessian: torch.Tensor | Non
         if u is None:
             codes[a:b], _ = encode(w[a:b], found.scale, bits)
             continue
-        err = torch.empty_like(w[a:b])
-        for r in range(a, b):
-            codes[r], value = encode(w[r], found.scale, bits)
-            err[r - a] = (w[r] - value) / u[r, r]
-            # Feed the error forward to the rows of this group not yet quantized ...
-            w[r + 1:b] -= u[r, r + 1:b, None] * err[r - a][None, :]
-        # ... and, once per group, to every later row.
-        w[b:] -= u[a:b, b:].T @ err
+        if group_loop is None:
+            codes[a:b], err = gptq_group(w[a:b], u[a:b, a:b], found.scale, bits, encode=encode)
+        else:
+            codes[a:b], err = group_loop(w[a:b], u[a:b, a:b], found.scale, bits)
+        w[b:] -= u[a:b, b:].T @ err  # once per group, the feedback into every later row
 
     return pack(codes, plan.groups, torch.stack(scale_codes), torch.stack(scale_maxes),
                 torch.argsort(perm).to(torch.int32), out_features, bias, pack_group=pack_group)
