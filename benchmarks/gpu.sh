@@ -1,18 +1,22 @@
 #!/usr/bin/env bash
-# The fast path on a GPU, in one call (about 4 minutes; capped at 7.5 by timeouts): the parity
-# tests compiled (TRITON_INTERPRET unset), then the matmul/quantize sweep of gpu_bench.py.
+# The fast path on a GPU, in one call (about 5 minutes; capped at 8.5 by timeouts): the parity
+# tests compiled (TRITON_INTERPRET unset), the matmul/quantize report of gpu_bench.py, then its
+# sweep of launch configurations.
 #
 #   bash benchmarks/gpu.sh [OUT_DIR]        (default: $OUT, else benchmarks/out)
 #
 # Assumes: python3 with a CUDA (or ROCm) build of torch and a matching triton, as on a GPU
 # machine's image; it never installs or replaces torch or triton. The package runs from this
 # checkout (PYTHONPATH), not installed. Its few pure-Python dependencies (safetensors, pydantic,
-# numpy for the package; pytest, hypothesis for the tests) are installed only if missing: from
-# wheels in $EXL2_WHEELS (pip --no-index, for machines without network; prepare them with
-# `pip download -d DIR safetensors pydantic numpy pytest hypothesis`), else from PyPI.
+# numpy for the package; pytest, hypothesis for the tests) are installed only if missing, into a
+# private folder (the image's packages stay untouched): from the wheels in $EXL2_WHEELS, else in
+# ./.whl (prepare them with `bash benchmarks/gpu_wheels.sh`, for machines without network, e.g.
+# the device tool's: carry .whl), else from PyPI.
 #
-# Outputs in OUT_DIR: parity.txt (pytest), gpu_bench.md (the report), gpu_bench.log.
-# Exit status: 0 when both steps pass, 1 when one fails, 2 when the machine is not usable.
+# Outputs in OUT_DIR: parity.txt (pytest), gpu_bench.md (the report), gpu_tuning.md (the sweep),
+# and their .log files. Each step writes as it goes, so a step cut short by its timeout keeps
+# what it measured.
+# Exit status: 0 when every step passes, 1 when one fails, 2 when the machine is not usable.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-${OUT:-benchmarks/out}}
@@ -20,33 +24,42 @@ mkdir -p "$out"
 unset TRITON_INTERPRET
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" TRITON_DEFAULT_FP_FUSION=1
 
-python3 -c "import torch, triton; assert torch.cuda.is_available(), 'torch sees no GPU'; \
-print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())" || exit 2
+python3 -c "import torch, triton, sys; torch.cuda.is_available() or sys.exit('torch sees no GPU'); \
+print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())" \
+  || { echo "gpu.sh: no GPU usable here (see above); nothing measured"; exit 2; }
 
-missing=$(python3 - <<'EOF'
+missing=$(python3 - <<'PY'
 import importlib.util
 mods = {"safetensors": "safetensors", "pydantic": "pydantic", "numpy": "numpy", "pytest": "pytest",
         "hypothesis": "hypothesis"}
 print(" ".join(pkg for mod, pkg in mods.items() if importlib.util.find_spec(mod) is None))
-EOF
+PY
 )
 if [ -n "$missing" ]; then
-  echo "== installing missing: $missing"
-  if [ -n "${EXL2_WHEELS:-}" ]; then
-    python3 -m pip install -q --no-index --find-links "$EXL2_WHEELS" $missing
+  wheels=${EXL2_WHEELS:-}
+  [ -z "$wheels" ] && [ -d .whl ] && wheels=.whl
+  site=$(mktemp -d)
+  echo "== installing missing: $missing (into $site, from ${wheels:-PyPI})"
+  if [ -n "$wheels" ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --target "$site" "$wheels"/*.whl
   else
-    timeout 180 python3 -m pip install -q $missing
-  fi || { echo "could not install: $missing (set EXL2_WHEELS to a folder of wheels)"; exit 2; }
+    timeout 120 python3 -m pip install -q --retries 0 --timeout 15 --target "$site" $missing
+  fi || { echo "gpu.sh: could not install $missing (prepare wheels: bash benchmarks/gpu_wheels.sh)"; exit 2; }
+  export PYTHONPATH="$PYTHONPATH:$site"
 fi
 
 echo "== parity tests, compiled"
-timeout 240 python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/test_fast.py tests/test_nn.py 2>&1 \
+timeout 210 python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/test_fast.py tests/test_nn.py 2>&1 \
   | tee "$out/parity.txt"
 parity=${PIPESTATUS[0]}
 
 echo "== benchmark"
-timeout 200 python3 benchmarks/gpu_bench.py --out "$out/gpu_bench.md" 2>&1 | tee "$out/gpu_bench.log"
+timeout 180 python3 benchmarks/gpu_bench.py --out "$out/gpu_bench.md" 2>&1 | tee "$out/gpu_bench.log"
 bench=${PIPESTATUS[0]}
 
-echo "parity exit $parity, bench exit $bench (124: timed out)"
-exit $(( parity != 0 || bench != 0 ))
+echo "== launch configurations"
+timeout 120 python3 benchmarks/gpu_bench.py --sweep --out "$out/gpu_tuning.md" 2>&1 | tee "$out/gpu_tuning.log"
+tuning=${PIPESTATUS[0]}
+
+echo "parity exit $parity, bench exit $bench, tuning exit $tuning (124: timed out)"
+exit $(( parity != 0 || bench != 0 || tuning != 0 ))

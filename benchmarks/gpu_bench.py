@@ -5,10 +5,15 @@ Times ``exl2.fast.matmul`` for 4096x4096, 4096x14336 and 14336x4096 layers (in x
 reports the achieved memory bandwidth as a fraction of the device's peak, checks the targets of
 issue 4, times each of the three matmul paths over M (the data to set ``GEMV_MAX_M`` and
 ``MATMUL_CROSSOVER_M``), times quantize (round-to-nearest and GPTQ) of one 4096x14336 layer,
-and writes a markdown report.
+and writes a markdown report (rewritten after every row, so a run cut short keeps what it measured).
 
     python benchmarks/gpu_bench.py --out results.md [--quick]
+    python benchmarks/gpu_bench.py --out tuning.md --sweep       # launch configurations instead
     python benchmarks/gpu_bench.py --out smoke.md --cpu-smoke   # tiny shapes, Triton interpreter
+
+``--sweep`` times the GEMV at M = 1, 2, 4 over columns per program, warps, programs per
+multiprocessor and x gathered or not, and the fused kernel's tile at M = 16 and 32, on one
+4096x14336 4.0-bpw layer, and names the fastest of each: the values for exl2/fast/tuning.py.
 
 Layers are built from random codes on the device (no encoder run): the kernels' work does not
 depend on the values.
@@ -109,6 +114,7 @@ def main() -> int:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--quick", action="store_true", help="one shape, M = 1 and 2048, no path sweep")
     p.add_argument("--cpu-smoke", action="store_true", help="tiny shapes under Triton's interpreter (no GPU)")
+    p.add_argument("--sweep", action="store_true", help="time launch configurations (exl2/fast/tuning.py) instead")
     args = p.parse_args()
     from exl2 import fast
     from exl2.fast import ops
@@ -119,6 +125,8 @@ def main() -> int:
         return 2
     bench = timer(device)
     peak, device_line = peak_bandwidth(device, bench)
+    if args.sweep:
+        return sweep(args.out, device, device_line, bench, args.cpu_smoke)
     shapes, ms_list, path_ms = SHAPES, MS, PATH_MS
     if args.quick:
         shapes, ms_list, path_ms = SHAPES[:1], [1, 2048], []
@@ -148,7 +156,7 @@ def main() -> int:
                 lines.append(f"| {k}x{n} | {bpw}/{qm.bits_per_weight:.2f} | {m} | {t_q:.4f} | {t_h:.4f} | "
                              f"{t_h / t_q:.2f}x | {frac(moved, t_q)} | {frac(moved_h, t_h)} | {t_deq:.4f} | "
                              f"{t_h + t_deq:.4f} |")
-                print(lines[-1], flush=True)
+                report(args.out, lines)
                 if bpw == 4.0 and m == 1 and peak:
                     ok = t_h / t_q >= 3 and moved / (t_q / 1e3) / peak >= 0.7
                     verdicts.append(f"- {k}x{n}, 4.0 bpw, M = 1: {t_h / t_q:.2f}x fp16, "
@@ -172,7 +180,7 @@ def main() -> int:
             t_gemv = f"{bench(lambda: ops.gemv(x, qm)):.4f}" if m <= fast.GEMV_MAX_M else "-"
             lines.append(f"| {m} | {t_gemv} | {bench(lambda: ops.fused_matmul(x, qm)):.4f} | "
                          f"{bench(lambda: ops.dequantize_matmul(x, qm)):.4f} |")
-            print(lines[-1], flush=True)
+            report(args.out, lines)
 
     k, n = (4096, 14336) if not args.cpu_smoke else (128, 96)
     g = torch.Generator(device=device).manual_seed(1)
@@ -189,11 +197,74 @@ def main() -> int:
         if device == "cuda":
             torch.cuda.synchronize()
         lines.append(f"- {label}: {time.perf_counter() - t0:.2f} s")
-        print(lines[-1], flush=True)
+        report(args.out, lines)
+    return 0
 
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+
+def report(path: Path, lines: list[str]) -> None:
+    """Print the newest line and rewrite the report with every line so far."""
+    print(lines[-1], flush=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+
+
+def sweep(out: Path, device: str, device_line: str, bench, smoke: bool) -> int:
+    """Time the GEMV and fused kernel over launch configurations on one 4.0-bpw layer; name the
+    fastest per M. Each configuration is checked against the default one's result first."""
+    from exl2.fast import ops, tuning
+    from exl2.fast.tuning import GemvConfig
+
+    k, n = (128, 96) if smoke else (4096, 14336)
+    qm = random_layer(k, n, 4.0, device)
+    lines = [f"Device: {device_line}", f"torch {torch.__version__}", "",
+             f"## GEMV launch configurations ({k}x{n}, 4.0 bpw; ms, median)", "",
+             "Now: " + ", ".join(f"M_MAX={m}: {c}" for m, c in tuning.GEMV_CONFIGS.items()), "",
+             "| M | columns per program | warps | columns per thread | programs per SM | x gathered | ms |",
+             "|---:|---:|---:|---:|---:|---|---:|"]
+    shapes = {1: [(256, 4), (512, 4), (512, 2), (1024, 4), (1024, 2)], 2: [(512, 4), (512, 2), (1024, 2)],
+              4: [(256, 4), (512, 4), (512, 2)]}
+    best = []
+    for m, configs in shapes.items():
+        x = torch.randn(m, k, device=device, dtype=torch.float16)
+        expected = ops.gemv(x, qm)
+        results = []
+        for (block_n, warps), pps, gather in ((c, p, g) for c in configs for p in ((4,) if smoke else (2, 4, 8))
+                                              for g in ((False, True) if m == 1 else (False,))):
+            cfg = GemvConfig(block_n, warps, pps, gather)
+            y = ops.gemv(x, qm, None, cfg)
+            if not torch.allclose(y.float(), expected.float(), rtol=1e-2, atol=1e-2):
+                lines.append(f"| {m} | {block_n} | {warps} | {cfg.columns_per_thread} | {pps} | {gather} | WRONG RESULT |")
+                report(out, lines)
+                continue
+            t = bench(lambda: ops.gemv(x, qm, None, cfg))
+            results.append((t, cfg))
+            lines.append(f"| {m} | {block_n} | {warps} | {cfg.columns_per_thread} | {pps} | {gather} | {t:.4f} |")
+            report(out, lines)
+        if results:
+            t, cfg = min(results, key=lambda r: r[0])
+            now = min((r for r in results if r[1] == tuning.GEMV_CONFIGS[m]), default=None,
+                      key=lambda r: r[0])
+            best.append(f"- M_MAX={m}: fastest {cfg} at {t:.4f} ms" +
+                        (f"; the current setting {now[0]:.4f} ms" if now else ""))
+
+    lines += ["", f"## Fused kernel tile ({k}x{n}, 4.0 bpw; ms)", "", "| M | BLOCK_K | BLOCK_N | ms |", "|---:|---:|---:|---:|"]
+    saved = ops.BLOCK_K, ops.BLOCK_N
+    for m in (16, 32):
+        x = torch.randn(m, k, device=device, dtype=torch.float16)
+        results = []
+        for block_k, block_n in ((32, 64), (64, 64), (32, 128), (64, 128)):
+            ops.BLOCK_K, ops.BLOCK_N = block_k, block_n
+            try:
+                t = bench(lambda: ops.fused_matmul(x, qm))
+            finally:
+                ops.BLOCK_K, ops.BLOCK_N = saved
+            results.append((t, block_k, block_n))
+            lines.append(f"| {m} | {block_k} | {block_n} | {t:.4f} |")
+            report(out, lines)
+        t, block_k, block_n = min(results)
+        best.append(f"- fused, M = {m}: fastest BLOCK_K={block_k}, BLOCK_N={block_n} at {t:.4f} ms")
+    lines += ["", "## Fastest (set these in exl2/fast/tuning.py)", ""] + best
+    report(out, lines)
     return 0
 
 

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from exl2 import FormatError, QParams, fast, reference
 from exl2.conformance.strategies import matmul_inputs, qmatrices
 from exl2.fast import gptq, ops
+from exl2.fast.tuning import GEMV_INSTRUCTIONS_PER_WEIGHT_BUDGET, GemvConfig
 from exl2.format import BLOCKS, WIDTHS, row_granule
 from exl2.reference.bounds import GPTQ_MAX_ERROR_RATIO, GPTQ_MIN_CODE_AGREEMENT, hessian_weighted_error, matmul_within_bound
 
@@ -55,11 +56,13 @@ def test_matmul_within_bound(qm, data, dtype):
 
 @settings(max_examples=12)
 @given(qm=qmatrices(**SMALL), data=st.data(), splits=st.sampled_from([1, 2, None, 1000]),
-       dtype=st.sampled_from([torch.float16, torch.bfloat16, torch.float32]))
-def test_gemv_within_bound_for_any_split(qm, data, splits, dtype):
-    """The split-K GEMV (M <= GEMV_MAX_M) for every width and split of K into parts."""
+       dtype=st.sampled_from([torch.float16, torch.bfloat16, torch.float32]),
+       config=st.sampled_from([None, GemvConfig(block_n=32, warps=1, permute_x=True), GemvConfig(block_n=64, warps=2)]))
+def test_gemv_within_bound_for_any_split(qm, data, splits, dtype, config):
+    """The split-K GEMV (M <= GEMV_MAX_M) for every width, split of K into parts and launch
+    configuration (columns per program narrower than the layer, x gathered or read through q_perm)."""
     x = data.draw(matmul_inputs(qm, max_m=fast.GEMV_MAX_M, dtype=dtype))
-    y = ops.gemv(dev(x), dev(qm), splits).cpu()
+    y = ops.gemv(dev(x), dev(qm), splits, config).cpu()
     b, y_ref = exact_product(x, qm)
     assert y.dtype == dtype and y.shape == (x.shape[0], qm.out_features)
     assert matmul_within_bound(y, y_ref, x, b, qm.bias)
@@ -211,17 +214,33 @@ def test_backend_note_says_interpreted():
 
 
 def test_kernels_compile_for_a_gpu():
-    """Every kernel compiles to a cubin for sm_90 (ahead of time, no GPU needed): catches errors
-    only the compiler sees, which the interpreter does not."""
+    """Every kernel compiles to a cubin for sm_90 in the configurations ops launches (ahead of
+    time, no GPU needed): catches errors only the compiler sees, which the interpreter does not.
+    In the compiled code no kernel spills registers, and the GEMV at M = 1 spends no more
+    instructions per 4-bit weight than the budget that lets it run near memory speed
+    (tuning.GEMV_INSTRUCTIONS_PER_WEIGHT_BUDGET; a static count, not a timing)."""
+    import json
     import os
     from pathlib import Path
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
     script = Path(fast.__file__).with_name("aot_check.py")
-    r = subprocess.run([sys.executable, str(script), "--arch", "90"], capture_output=True, text=True, env=env,
-                       timeout=300)
+    r = subprocess.run([sys.executable, str(script), "--arch", "90", "--sass", "--json"], capture_output=True,
+                       text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
+    rows = [json.loads(line) for line in r.stdout.splitlines()]
+    assert {row["kernel"] for row in rows} == set(aot_check_kernels()) and all(row["ok"] for row in rows)
+    assert all(row["stack"] == 0 for row in rows), [row for row in rows if row["stack"]]
+    gemv = {row["config"].split()[0]: row for row in rows if row["kernel"] == "gemv_kernel"}
+    assert gemv["M_MAX=1"]["instructions_per_weight"]["4"] <= GEMV_INSTRUCTIONS_PER_WEIGHT_BUDGET, gemv["M_MAX=1"]
+
+
+def aot_check_kernels() -> list[str]:
+    """The kernels of exl2/fast/kernels.py (public ``*_kernel`` functions)."""
+    from exl2.fast import kernels
+
+    return [name for name in dir(kernels) if name.endswith("_kernel")]
 
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="the CLI decodes on the CPU")

@@ -7,7 +7,7 @@ Triton kernels.
   :func:`~exl2.fast.ops.pack_codes` (bit-exact given the scales, spec 8.1);
 - GPTQ: one :func:`~exl2.fast.kernels.gptq_group_kernel` launch per group runs the row loop with
   its error feedback inside the group; the feedback into later groups is one GEMM per group
-  (within the bound of spec 8.2.3). Groups larger than :data:`~exl2.fast.ops.GPTQ_GROUP_MAX_ROWS`
+  (within the bound of spec 8.2.3). Groups larger than :data:`~exl2.fast.tuning.GPTQ_GROUP_MAX_ROWS`
   rows run row by row.
 """
 
@@ -20,7 +20,8 @@ from ..qmatrix import QMatrix
 from ..qparams import QParams
 from ..reference import encode as reference_encode
 from . import kernels
-from .ops import GPTQ_BLOCK_N, GPTQ_GROUP_MAX_ROWS, check_device, encode_rows, pack_codes
+from .ops import check_device, encode_rows, pack_codes
+from .tuning import GPTQ_BLOCK_N, GPTQ_GROUP_MAX_ROWS
 
 
 def gptq_group(w: torch.Tensor, u: torch.Tensor, scale: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -159,25 +159,44 @@ def _column_scales(qs_ptr, stride_qs, smax_ptr, group, rn, mn):
 
 
 @triton.jit
-def _tile_product(acc, w_ptrs, stride_qw, x_ptrs, dest_ptr, scale, mn, mm,
-                  BITS: tl.constexpr, ROWS: tl.constexpr):
-    """``acc + x_perm[:, tile] @ B_tile`` for one tile of ``ROWS`` stored rows of width ``BITS``
-    (spec 5.1, 6.3): each of the tile's ``ROWS * BITS / 32`` q_weight words is loaded once
-    (``w_ptrs``: the tile's first word of each column), and code ``j`` is cut from it with
-    compile-time shifts (``j * BITS`` bits into the tile, straddling into the next word where
-    ``shift + BITS > 32``). Row ``j`` multiplies input feature ``dest[j]`` of x (act-order).
+def _x_row(x_ptr, stride_xm, idx, M, m: tl.constexpr):
+    """float32 ``x[m, idx]``, 0 for rows ``m >= M`` (a scalar: the same for every thread)."""
+    return tl.load(x_ptr + m * stride_xm + idx, mask=m < M, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _tile_product(acc0, acc1, acc2, acc3, w_ptrs, stride_qw, x_ptr, stride_xm, dest_ptr, M, scale, mn,
+                  BITS: tl.constexpr, ROWS: tl.constexpr, M_MAX: tl.constexpr, X_PERMUTED: tl.constexpr):
+    """``acc_m + x[m, tile] @ B_tile`` for one tile of ``ROWS`` stored rows of width ``BITS`` and
+    each row ``m < M_MAX`` of x (spec 5.1, 6.3): each of the tile's ``ROWS * BITS / 32`` q_weight
+    words is loaded once (``w_ptrs``: the tile's first word of each column), and code ``j`` is cut
+    from it with compile-time shifts (``j * BITS`` bits into the tile, straddling into the next
+    word where ``shift + BITS > 32``). Row ``j`` multiplies input feature ``dest[j]`` of x
+    (act-order), or with ``X_PERMUTED`` (x already in stored-row order, ``x_ptr`` at the tile's
+    first row) ``x_ptr[j]``.
 
     A tile lies in one group, so each column has one scale ``s`` and
     ``sum_j x_j (q_j - z) s = s (sum_j x_j q_j - z sum_j x_j)``: per weight one conversion and one
-    multiply-add of the raw code; the zero point and the scale are applied once per tile and
-    column. The float16 rounding of each decoded weight (spec 6.3) is skipped: the result differs
-    from the product with decoded weights by rounding of float32 sums only, far inside the
-    matmul bound of spec 8.2.1."""
+    multiply-add of the raw code per row of x; the zero point and the scale are applied once per
+    tile and column. The float16 rounding of each decoded weight (spec 6.3) is skipped: the
+    result differs from the product with decoded weights by rounding of float32 sums only, far
+    inside the matmul bound of spec 8.2.1.
+
+    Every tensor here is 1-D over the program's columns, one accumulator per row of x, and x
+    values are scalars: a 2-D ``[M, BLOCK_N]`` accumulator would take a layout other than the
+    vectorized q_weight loads', and Triton would convert every decoded row through shared
+    memory (seen in the compiled code: two barriers per row)."""
     WORDS: tl.constexpr = ROWS * BITS // 32
     ZERO: tl.constexpr = 1 << (BITS - 1)
     MASK: tl.constexpr = (1 << BITS) - 1
-    codes_x = tl.zeros(acc.shape, dtype=tl.float32)  # sum_j x_j q_j
-    x_sum = tl.zeros((acc.shape[0],), dtype=tl.float32)  # sum_j x_j
+    qx0 = tl.zeros_like(acc0)  # sum_j x[m, j] q_j, per row m of x
+    qx1 = tl.zeros_like(acc0)
+    qx2 = tl.zeros_like(acc0)
+    qx3 = tl.zeros_like(acc0)
+    xs0 = 0.0  # sum_j x[m, j]
+    xs1 = 0.0
+    xs2 = 0.0
+    xs3 = 0.0
     cur = tl.load(w_ptrs, mask=mn, other=0).to(tl.uint32, bitcast=True)
     nxt = cur
     if WORDS > 1:
@@ -193,57 +212,89 @@ def _tile_product(acc, w_ptrs, stride_qw, x_ptrs, dest_ptr, scale, mn, mm,
         code = cur >> ((j * BITS) % 32)
         if (j * BITS) % 32 + BITS > 32:  # it straddles into the next word
             code = code | (nxt << (32 - (j * BITS) % 32))
-        x = tl.load(x_ptrs + tl.load(dest_ptr + j), mask=mm, other=0.0).to(tl.float32)
-        x_sum += x
-        codes_x += x[:, None] * (code & MASK).to(tl.float32)[None, :]
-    return acc + (codes_x - x_sum[:, None] * ZERO) * scale[None, :]
+        q = (code & MASK).to(tl.float32)
+        if X_PERMUTED:
+            idx = j
+        else:
+            idx = tl.load(dest_ptr + j)
+        x0 = _x_row(x_ptr, stride_xm, idx, M, 0)
+        qx0 += x0 * q
+        xs0 += x0
+        if M_MAX > 1:
+            x1 = _x_row(x_ptr, stride_xm, idx, M, 1)
+            qx1 += x1 * q
+            xs1 += x1
+        if M_MAX > 2:
+            x2 = _x_row(x_ptr, stride_xm, idx, M, 2)
+            qx2 += x2 * q
+            xs2 += x2
+            x3 = _x_row(x_ptr, stride_xm, idx, M, 3)
+            qx3 += x3 * q
+            xs3 += x3
+    acc0 += (qx0 - xs0 * ZERO) * scale
+    if M_MAX > 1:
+        acc1 += (qx1 - xs1 * ZERO) * scale
+    if M_MAX > 2:
+        acc2 += (qx2 - xs2 * ZERO) * scale
+        acc3 += (qx3 - xs3 * ZERO) * scale
+    return acc0, acc1, acc2, acc3
 
 
 @triton.jit
 def gemv_kernel(x_ptr, stride_xm, dest_ptr, qw_ptr, stride_qw, qs_ptr, stride_qs, smax_ptr,
                 tile_bits_ptr, tile_row_ptr, tile_qrow_ptr, tile_group_ptr, part_ptr, M, N, n_tiles,
-                tiles_per_program, M_MAX: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Split-K product for a few rows of x (``M <= M_MAX``), where the layer is memory bound. One
-    program takes tiles ``[pid_k * tiles_per_program, +tiles_per_program)`` of stored rows (32
+                tiles_per_program, M_MAX: tl.constexpr, BLOCK_N: tl.constexpr, X_PERMUTED: tl.constexpr):
+    """Split-K product for a few rows of x (``M <= M_MAX <= 4``), where the layer is memory bound.
+    One program takes tiles ``[pid_k * tiles_per_program, +tiles_per_program)`` of stored rows (32
     rows, 16 for 2-bit groups; each inside one group, see :func:`exl2.fast.plan.tile_table`) and
     columns ``[pid_n * BLOCK_N, +BLOCK_N)``, reads every q_weight word of them exactly once
     (coalesced along N), decodes it in registers and writes the float32 partial product
-    ``x @ B[tiles, columns]`` to ``part[pid_k]`` (``[splits, M, N]``). x is read unpermuted:
-    stored row ``k`` multiplies feature ``q_perm[k]`` (``dest``). The width is a runtime value per
-    tile; each branch is the same code, :func:`_tile_product`, compiled for one width."""
+    ``x @ B[tiles, columns]`` to ``part[pid_k]`` (``[splits, M, N]``). x is read unpermuted
+    (stored row ``k`` multiplies feature ``q_perm[k]``, ``dest``), or, with ``X_PERMUTED``, is
+    ``x[:, q_perm]`` gathered by the host. The width is a runtime value per tile; each branch is
+    the same code, :func:`_tile_product`, compiled for one width."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rm = tl.arange(0, M_MAX)
     mn = rn < N
-    mm = rm < M
-    x_ptrs = x_ptr + rm * stride_xm
-    acc = tl.zeros((M_MAX, BLOCK_N), dtype=tl.float32)
+    acc0 = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    acc1 = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    acc3 = tl.zeros((BLOCK_N,), dtype=tl.float32)
     first = pid_k * tiles_per_program
     for t in range(first, tl.minimum(first + tiles_per_program, n_tiles)):
         bits = tl.load(tile_bits_ptr + t)
         row = tl.load(tile_row_ptr + t)
         w_ptrs = qw_ptr + tl.load(tile_qrow_ptr + t).to(tl.int64) * stride_qw + rn
         scale = _column_scales(qs_ptr, stride_qs, smax_ptr, tl.load(tile_group_ptr + t), rn, mn)
+        x_tile = x_ptr
+        if X_PERMUTED:
+            x_tile = x_ptr + row
         if bits == 4:
-            acc = _tile_product(acc, w_ptrs, stride_qw, x_ptrs, dest_ptr + row, scale, mn, mm,
-                                 BITS=4, ROWS=32)
+            acc0, acc1, acc2, acc3 = _tile_product(acc0, acc1, acc2, acc3, w_ptrs, stride_qw, x_tile, stride_xm,
+                                                   dest_ptr + row, M, scale, mn, 4, 32, M_MAX, X_PERMUTED)
         elif bits == 3:
-            acc = _tile_product(acc, w_ptrs, stride_qw, x_ptrs, dest_ptr + row, scale, mn, mm,
-                                 BITS=3, ROWS=32)
+            acc0, acc1, acc2, acc3 = _tile_product(acc0, acc1, acc2, acc3, w_ptrs, stride_qw, x_tile, stride_xm,
+                                                   dest_ptr + row, M, scale, mn, 3, 32, M_MAX, X_PERMUTED)
         elif bits == 5:
-            acc = _tile_product(acc, w_ptrs, stride_qw, x_ptrs, dest_ptr + row, scale, mn, mm,
-                                 BITS=5, ROWS=32)
+            acc0, acc1, acc2, acc3 = _tile_product(acc0, acc1, acc2, acc3, w_ptrs, stride_qw, x_tile, stride_xm,
+                                                   dest_ptr + row, M, scale, mn, 5, 32, M_MAX, X_PERMUTED)
         elif bits == 6:
-            acc = _tile_product(acc, w_ptrs, stride_qw, x_ptrs, dest_ptr + row, scale, mn, mm,
-                                 BITS=6, ROWS=32)
+            acc0, acc1, acc2, acc3 = _tile_product(acc0, acc1, acc2, acc3, w_ptrs, stride_qw, x_tile, stride_xm,
+                                                   dest_ptr + row, M, scale, mn, 6, 32, M_MAX, X_PERMUTED)
         elif bits == 2:
-            acc = _tile_product(acc, w_ptrs, stride_qw, x_ptrs, dest_ptr + row, scale, mn, mm,
-                                 BITS=2, ROWS=16)
+            acc0, acc1, acc2, acc3 = _tile_product(acc0, acc1, acc2, acc3, w_ptrs, stride_qw, x_tile, stride_xm,
+                                                   dest_ptr + row, M, scale, mn, 2, 16, M_MAX, X_PERMUTED)
         else:
-            acc = _tile_product(acc, w_ptrs, stride_qw, x_ptrs, dest_ptr + row, scale, mn, mm,
-                                 BITS=8, ROWS=32)
-    tl.store(part_ptr + (pid_k * M + rm[:, None]) * N + rn[None, :], acc, mask=mm[:, None] & mn[None, :])
+            acc0, acc1, acc2, acc3 = _tile_product(acc0, acc1, acc2, acc3, w_ptrs, stride_qw, x_tile, stride_xm,
+                                                   dest_ptr + row, M, scale, mn, 8, 32, M_MAX, X_PERMUTED)
+    out = part_ptr + pid_k * M * N + rn
+    tl.store(out, acc0, mask=mn)
+    if M_MAX > 1:
+        tl.store(out + N, acc1, mask=mn & (tl.full((BLOCK_N,), 1, tl.int32) < M))
+    if M_MAX > 2:
+        tl.store(out + 2 * N, acc2, mask=mn & (tl.full((BLOCK_N,), 2, tl.int32) < M))
+        tl.store(out + 3 * N, acc3, mask=mn & (tl.full((BLOCK_N,), 3, tl.int32) < M))
 
 
 @triton.jit

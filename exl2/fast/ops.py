@@ -10,27 +10,7 @@ from ..format import BLOCKS
 from ..qmatrix import QMatrix
 from . import kernels
 from .plan import cached, row_table, tile_table, word_table
-
-#: Above this many rows of x, ``matmul`` dequantizes once and calls ``torch.matmul``. A guess
-#: until measured on a GPU (benchmarks/gpu.sh); decoding is memory bound, the fused kernel wins
-#: while x is small.
-MATMUL_CROSSOVER_M = 32
-
-#: Up to this many rows of x, ``matmul`` uses the split-K GEMV kernel (CUDA cores, every
-#: q_weight word read once); above it, the fused tensor-core kernel. A guess until measured.
-GEMV_MAX_M = 4
-#: Columns per GEMV program (coalesced q_weight loads along N) and its warps.
-GEMV_BLOCK_N, GEMV_WARPS = 256, 4
-#: The GEMV splits K until about this many programs per streaming multiprocessor are in flight.
-GEMV_PROGRAMS_PER_SM = 4
-
-#: Tile of the dequantize and fused matmul kernels.
-BLOCK_K, BLOCK_N = 32, 64
-
-#: GPTQ groups up to this many rows run as one kernel per group (rows held in registers);
-#: larger groups run row by row (an encode kernel per row, the feedback in torch).
-GPTQ_GROUP_MAX_ROWS = 256
-GPTQ_BLOCK_N = 32
+from .tuning import BLOCK_K, BLOCK_N, FUSED_BLOCK_M, GEMV_CONFIGS, GEMV_MAX_M, MATMUL_CROSSOVER_M, GemvConfig
 
 
 def interpreted() -> bool:
@@ -128,7 +108,7 @@ def fused_matmul(x2: torch.Tensor, qm: QMatrix) -> torch.Tensor:
     t = row_table(qm)
     x_perm = x2[:, t.dest.to(torch.int64)].contiguous()  # x_perm[:, k] multiplies stored row k
     y = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
-    block_m = 16
+    block_m = FUSED_BLOCK_M
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, BLOCK_N))
     bias = qm.bias if qm.bias is not None else y
     kernels.matmul_kernel[grid](x_perm, x_perm.stride(0), qm.q_weight, qm.q_weight.stride(0), qm.q_scale,
@@ -138,37 +118,39 @@ def fused_matmul(x2: torch.Tensor, qm: QMatrix) -> torch.Tensor:
     return y
 
 
-def gemv_splits(tiles: int, column_blocks: int, device: torch.device) -> int:
-    """How many parts the GEMV splits K into: enough programs to fill the GPU
-    (:data:`GEMV_PROGRAMS_PER_SM` per multiprocessor), at most one per tile. Under the
-    interpreter, as if there were 2 multiprocessors (so tests cover the split)."""
+def gemv_splits(tiles: int, column_blocks: int, programs_per_sm: int, device: torch.device) -> int:
+    """How many parts the GEMV splits K into: enough programs to fill the GPU (``programs_per_sm``
+    per multiprocessor), at most one per tile. Under the interpreter, as if there were 2
+    multiprocessors (so tests cover the split)."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
-    return max(1, min(tiles, triton.cdiv(GEMV_PROGRAMS_PER_SM * sms, column_blocks)))
+    return max(1, min(tiles, triton.cdiv(programs_per_sm * sms, column_blocks)))
 
 
-def gemv(x2: torch.Tensor, qm: QMatrix, splits: int | None = None) -> torch.Tensor:
+def gemv(x2: torch.Tensor, qm: QMatrix, splits: int | None = None, config: GemvConfig | None = None) -> torch.Tensor:
     """``x2 @ B + bias`` for ``x2`` ``[M, K]`` with ``M <= GEMV_MAX_M``: split-K partial products
     (:func:`kernels.gemv_kernel`), then their sum in a fixed order plus the bias
-    (:func:`kernels.split_sum_kernel`): two launches, deterministic. ``splits`` overrides
-    :func:`gemv_splits`."""
+    (:func:`kernels.split_sum_kernel`): two launches (three with ``permute_x``), deterministic.
+    ``splits`` overrides :func:`gemv_splits`; ``config`` overrides :data:`GEMV_CONFIGS`."""
     check(qm)
     if x2.dim() != 2 or not 0 < x2.shape[0] <= GEMV_MAX_M or x2.shape[1] != qm.in_features:
         raise ValueError(f"gemv takes x [1..{GEMV_MAX_M}, {qm.in_features}], not {list(x2.shape)}")
     if x2.device != qm.q_weight.device:
         raise ValueError(f"x is on {x2.device}, the layer on {qm.q_weight.device}")
-    x2 = x2.contiguous()
     m, n = x2.shape[0], qm.out_features
+    m_max = triton.next_power_of_2(m)
+    cfg = config or GEMV_CONFIGS[m_max]
     t = tile_table(qm)
     dest = row_table(qm).dest
-    column_blocks = triton.cdiv(n, GEMV_BLOCK_N)
-    splits = splits or gemv_splits(t.count, column_blocks, x2.device)
+    x2 = x2[:, dest.to(torch.int64)].contiguous() if cfg.permute_x else x2.contiguous()
+    column_blocks = triton.cdiv(n, cfg.block_n)
+    splits = splits or gemv_splits(t.count, column_blocks, cfg.programs_per_sm, x2.device)
     per_program = triton.cdiv(t.count, splits)
     splits = triton.cdiv(t.count, per_program)
     part = torch.empty((splits, m, n), dtype=torch.float32, device=x2.device)
     kernels.gemv_kernel[(column_blocks, splits)](
         x2, x2.stride(0), dest, qm.q_weight, qm.q_weight.stride(0), qm.q_scale, qm.q_scale.stride(0), qm.q_scale_max,
         t.bits, t.row, t.qrow, t.group, part, m, n, t.count, per_program,
-        M_MAX=triton.next_power_of_2(m), BLOCK_N=GEMV_BLOCK_N, num_warps=GEMV_WARPS)
+        M_MAX=m_max, BLOCK_N=cfg.block_n, X_PERMUTED=cfg.permute_x, num_warps=cfg.warps)
     y = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
     block = 1024
     bias = qm.bias if qm.bias is not None else y

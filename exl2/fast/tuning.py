@@ -1,0 +1,69 @@
+"""Launch parameters of the fast path, in one place: the crossovers between the three matmul
+paths, the GEMV's configuration for each size of x, and the tiles of the other kernels.
+
+Pure constants (no torch, no triton), so that ``exl2/fast/aot_check.py`` compiles exactly the
+configurations that :mod:`exl2.fast.ops` launches, and ``benchmarks/gpu_bench.py --sweep`` can
+try others. How each value was chosen, and what is still a guess until measured on a GPU, is in
+docs/performance.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+#: Up to this many rows of x, ``matmul`` uses the split-K GEMV (CUDA cores, every q_weight word
+#: read once); above it, the fused tensor-core kernel.
+GEMV_MAX_M = 4
+
+#: Above this many rows of x, ``matmul`` dequantizes once and calls ``torch.matmul``; decoding
+#: is memory bound, the fused kernel wins while x is small. A guess until measured.
+MATMUL_CROSSOVER_M = 32
+
+
+@dataclass(frozen=True)
+class GemvConfig:
+    """How the GEMV kernel is launched for one power-of-two bound ``M_MAX`` on the rows of x.
+
+    ``block_n`` columns per program over ``warps`` warps: each thread holds
+    ``block_n / (32 * warps)`` columns, over which the per-row work (loading x, the act-order
+    index, the running sum of x) is shared. ``programs_per_sm``: K is split until about this
+    many programs per multiprocessor are in flight. ``permute_x``: gather x into stored-row
+    order with one extra launch first, so the kernel reads x at consecutive addresses instead
+    of through ``q_perm``."""
+
+    block_n: int
+    warps: int
+    programs_per_sm: int = 4
+    permute_x: bool = False
+
+    @property
+    def columns_per_thread(self) -> int:
+        return self.block_n // (32 * self.warps)
+
+
+#: The GEMV's configuration by ``M_MAX`` (the next power of two >= M). Chosen from the compiled
+#: sm_90 code (``python exl2/fast/aot_check.py --sass``, table in docs/performance.md): the
+#: fewest instructions per weight without spilling registers. Sixteen columns per thread at
+#: M = 1 and 2 (128 and 168 registers), eight at M = 4 (168). A GPU run of
+#: ``benchmarks/gpu_bench.py --sweep`` times these against the alternatives.
+GEMV_CONFIGS: dict[int, GemvConfig] = {
+    1: GemvConfig(block_n=1024, warps=2),
+    2: GemvConfig(block_n=1024, warps=2),
+    4: GemvConfig(block_n=512, warps=2),
+}
+
+#: Tile of the dequantize and fused matmul kernels (the fused kernel's BLOCK_M is 16).
+BLOCK_K, BLOCK_N = 32, 64
+FUSED_BLOCK_M = 16
+
+#: GPTQ groups up to this many rows run as one kernel per group (rows held in registers);
+#: larger groups run row by row (an encode kernel per row, the feedback in torch).
+GPTQ_GROUP_MAX_ROWS = 256
+GPTQ_BLOCK_N = 32
+
+#: Instructions per decoded weight (the whole tile loop, counted in the compiled sm_90 code) the
+#: GEMV may spend at M = 1 and 4 bits: an H200 issues at most ~3.3e13 thread-instructions/s
+#: (132 SMs x 4 schedulers x 32 lanes x 1.98 GHz) and delivers ~9.6e12 4-bit weights/s
+#: (4.8 TB/s): 3.5 per weight keeps up with memory at full issue, 5.0 with the 70 % of peak
+#: bandwidth that issue 4 asks for. Checked by tests/test_fast.py (a static bound, not a timing).
+GEMV_INSTRUCTIONS_PER_WEIGHT_BUDGET = 5.0
