@@ -320,3 +320,12 @@ def test_validator_accepts_what_the_converter_writes_for_a_zero_group(tmp_path):
     save_qmatrix(tmp_path / "layer.safetensors", qm, "model.layers.0.mlp.up_proj")
     errors = [f for f in validate_path(tmp_path / "layer.safetensors", deep=True).findings if f.severity == "error"]
     assert errors == []
+
+
+@pytest.mark.parametrize("args", [(32, [3, 4], [0.5, 0.5]), (32, [4], [0.9]), (24, [4], [1.0]), (32, [7], [1.0]),
+                                  (8, [2], [1.0])])
+def test_qparams_rejects_bad_plans(args):
+    """Widths increasing, proportions not summing to 1, a group size that is not a multiple of
+    the width's row granule (32 rows; 16 for 2-bit), a width EXL2 lacks."""
+    with pytest.raises(ValueError):
+        QParams(*args)

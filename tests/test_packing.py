@@ -97,6 +97,14 @@ def test_three_bit_block_by_hand():
     assert expected == [0x88FAC688, 0xC688FAC6, 0xFAC688FA]
 
 
+def test_spec_worked_examples_6_and_5_bit():
+    # spec 5.2: c_i = 63 - 4i (6-bit, straddles at codes 5 and 10), c_i = (7i + 1) mod 32 (5-bit)
+    six = pack_codes(torch.tensor([63 - 4 * i for i in range(16)])[:, None], 6)
+    assert unsigned(six) == [0xEFCF7EFF, 0x76DF8E7A, 0x0C72CF4D]
+    five = pack_codes(torch.tensor([(7 * i + 1) % 32 for i in range(32)])[:, None], 5)
+    assert unsigned(five) == [0xC9DB3D01, 0x571C1992, 0x7F1150F9, 0x0916E8D3, 0xD4D85F5E]
+
+
 def test_straddling_codes_land_in_both_words():
     codes = [0] * 32
     codes[10] = 0b111  # bits 30, 31 | 32

@@ -131,6 +131,13 @@ def c006(folder: Path) -> None:
     save_tensors(folder / "output-00002-of-00002.safetensors", {"model.norm.weight": t["model.norm.weight"]})
 
 
+def c010(folder: Path) -> None:
+    # shards 1 and 3 of 3: every tensor the model needs is in shard 1, so only the gap is wrong
+    t = llama_tensors()
+    write(folder, t, name="output-00001-of-00003.safetensors")
+    save_tensors(folder / "output-00003-of-00003.safetensors", {"extra.weight": torch.zeros(4, dtype=torch.float16)})
+
+
 def config_edit(fn):
     def run(folder: Path) -> None:
         cfg = json.loads(json.dumps(CONFIG))
@@ -206,6 +213,7 @@ TRIGGERS = {
         json.dumps({"weight_map": {"x": "model-00001-of-00009.safetensors"}}))), None),
     "EXL2-C008": (lambda f: write(f, llama_tensors(), name="model.safetensors"), None),
     "EXL2-C009": (c009, None),
+    "EXL2-C010": (c010, None),
     "EXL2-K001": (k001, None),
     "EXL2-K002": (config_edit(lambda c: c.pop("quantization_config")), None),
     "EXL2-K003": (config_edit(lambda c: c["quantization_config"].update(quant_method="gptq")), None),
@@ -447,3 +455,23 @@ def test_summary_counts_and_throughput(valid):
     assert r.summary.layers_per_second > 0 and r.schema_version == 1
     assert (r.summary.errors, r.summary.warnings, r.summary.infos) == tuple(
         sum(f.severity == s for f in r.findings) for s in ("error", "warning", "info"))
+
+
+@pytest.mark.parametrize("names, expected", [
+    (["output-00001-of-00002.safetensors", "output-00002-of-00002.safetensors"], []),
+    (["output-00002-of-00003.safetensors", "output-00003-of-00003.safetensors"], ["output-00001-of-00003.safetensors"]),
+    (["output-00001-of-00003.safetensors", "output-00003-of-00003.safetensors"], ["output-00002-of-00003.safetensors"]),
+    (["output-00001-of-00002.safetensors", "output-00002-of-00003.safetensors"], ["disagree"]),
+    (["model-00001-of-00001.safetensors", "output-00001-of-00002.safetensors"], ["output-00002-of-00002.safetensors"]),
+    (["output-00001-of-00001.safetensors", "output-00002-of-00001.safetensors"], ["beyond"]),
+])
+def test_shard_set_must_be_complete(tmp_path, names, expected):
+    """Each name's numbered shards make up 1 .. total; a gap names the missing file."""
+    t = llama_tensors()
+    folder = write(tmp_path / "m", t, name=names[0])
+    for i, name in enumerate(names[1:]):
+        save_tensors(folder / name, {f"extra{i}.weight": torch.zeros(4, dtype=torch.float16)})
+    hits = [f for f in validate_path(folder).findings if f.code == "EXL2-C010"]
+    assert len(hits) == len(expected), [(f.file, f.message) for f in hits]
+    for f, what in zip(hits, expected):
+        assert what in f.file + " " + f.message

@@ -81,6 +81,10 @@ CATALOGUE: dict[str, CodeInfo] = _entries(
      "A tensor's bytes cannot be read (an I/O error, or safetensors refuses the file). Check the disk "
      "and download the file again. Also used, with a message starting \"internal error\", if a check itself "
      "fails: a bug of the validator, please report it."),
+    ("EXL2-C010", "error", "shard set incomplete", "2.2",
+     "Files named NAME-NNNNN-of-MMMMM.safetensors do not make up the whole set NAME-00001 .. NAME-MMMMM "
+     "(a shard is missing, or two files of one name disagree on MMMMM). The tensors of a missing shard are "
+     "missing from the model. Download the missing shard; remove a stray one left by another conversion."),
     # config.json
     ("EXL2-K001", "error", "config.json is not a JSON object", "2.1",
      "config.json is not valid UTF-8 JSON or not an object. Fix or restore it from the source model."),

@@ -26,6 +26,8 @@ from .rules import BPW_TOLERANCE, check_layer
 SCHEMA_VERSION = 1
 #: Shard names exllamav2's converter writes (spec 2.2).
 SHARD_NAME = re.compile(r"^output(-\d{5}-of-\d{5})?\.safetensors$")
+#: Any numbered shard: NAME-NNNNN-of-MMMMM.safetensors (spec 2.2).
+NUMBERED_SHARD = re.compile(r"^(?P<name>.+)-(?P<index>\d{5})-of-(?P<total>\d{5})\.safetensors$")
 
 
 ProgressFn = Callable[[Iterable[str], int, str], Iterator[str]]
@@ -100,6 +102,8 @@ def validate_path(path: str | Path, *, deep: bool = False, progress: bool | Prog
         if path.is_dir() and not SHARD_NAME.match(f.name):
             findings.append(finding("EXL2-C008", file=str(f), message="exllamav2 writes output.safetensors or "
                                                                       "output-NNNNN-of-NNNNN.safetensors"))
+    if path.is_dir():
+        findings += _check_shard_set(path, files)
     good = _drop_duplicates(good, checks, findings)
     config, cfg_findings = _read_config(path)
     findings += cfg_findings
@@ -215,6 +219,30 @@ def _read_config(path: Path) -> tuple[dict | None, list[Finding]]:
     if not isinstance(data, dict):
         return None, [finding("EXL2-K001", file=str(cfg), message=f"is a JSON {type(data).__name__}, not an object")]
     return data, []
+
+
+def _check_shard_set(folder: Path, files: list[Path]) -> list[Finding]:
+    """Numbered shards of one name must make up their whole set, 1 .. total (spec 2.2)."""
+    sets: dict[str, dict[int, set[int]]] = {}
+    for f in files:
+        if m := NUMBERED_SHARD.match(f.name):
+            sets.setdefault(m["name"], {}).setdefault(int(m["total"]), set()).add(int(m["index"]))
+    findings = []
+    for name, by_total in sorted(sets.items()):
+        if len(by_total) > 1:
+            totals = ", ".join(f"{t:05}" for t in sorted(by_total))
+            findings.append(finding("EXL2-C010", file=str(folder), message=f"{name}-*-of-* shards disagree on "
+                                                                           f"how many there are ({totals})"))
+            continue
+        (total, present), = by_total.items()
+        missing = [i for i in range(1, total + 1) if i not in present]
+        for i in missing:
+            findings.append(finding("EXL2-C010", file=str(folder / f"{name}-{i:05}-of-{total:05}.safetensors"),
+                                    message=f"is missing: {len(present)} of the {total} shards of {name} are here"))
+        for i in sorted(present - set(range(1, total + 1))):
+            findings.append(finding("EXL2-C010", file=str(folder / f"{name}-{i:05}-of-{total:05}.safetensors"),
+                                    message=f"is numbered beyond the {total} shards it names"))
+    return findings
 
 
 def _check_index(folder: Path, files: list[Path], checks: dict[Path, ContainerCheck]) -> list[Finding]:

@@ -241,6 +241,9 @@ def _folder_negative(code: str, folder: Path) -> None:
     elif code == "EXL2-C006":
         _folder(folder, t, cfg, "output-00001-of-00002.safetensors")
         save_tensors(folder / "output-00002-of-00002.safetensors", {"model.norm.weight": t["model.norm.weight"]})
+    elif code == "EXL2-C010":  # shards 1 and 3 of 3; every tensor the model needs is in shard 1
+        _folder(folder, t, cfg, "output-00001-of-00003.safetensors")
+        save_tensors(folder / "output-00003-of-00003.safetensors", {"extra.weight": torch.zeros(4, dtype=torch.float16)})
     elif code == "EXL2-C007":
         _folder(folder, t, cfg)
         (folder / "model.safetensors.index.json").write_text(
@@ -281,7 +284,7 @@ def _folder_negative(code: str, folder: Path) -> None:
 #: Codes with a folder vector: those of the container, the config, the information about
 #: subnormal maxima (a legal file) and the deep decode (checked by ``validate --deep``).
 FOLDER_NEGATIVES = ("EXL2-C001", "EXL2-C002", "EXL2-C003", "EXL2-C004", "EXL2-C005", "EXL2-C006", "EXL2-C007",
-                    "EXL2-C008", "EXL2-K001", "EXL2-K002", "EXL2-K003", "EXL2-K004", "EXL2-K005", "EXL2-S002",
+                    "EXL2-C008", "EXL2-C010", "EXL2-K001", "EXL2-K002", "EXL2-K003", "EXL2-K004", "EXL2-K005", "EXL2-S002",
                     "EXL2-D001")
 
 
