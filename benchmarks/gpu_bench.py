@@ -12,7 +12,8 @@ and writes a markdown report (rewritten after every row, so a run cut short keep
     python benchmarks/gpu_bench.py --out smoke.md --cpu-smoke   # tiny shapes, Triton interpreter
 
 ``--sweep`` times the GEMV at M = 1, 2, 4 over columns per program, warps, programs per
-multiprocessor and x gathered or not, and the fused kernel's tile at M = 16 and 32, on one
+multiprocessor and x gathered or not, and the fused kernel's rows and columns per program at
+M = 16 and 32, on one
 4096x14336 4.0-bpw layer, and names the fastest of each: the values for exl2/fast/tuning.py.
 
 Layers are built from random codes on the device (no encoder run): the kernels' work does not
@@ -247,22 +248,25 @@ def sweep(out: Path, device: str, device_line: str, bench, smoke: bool) -> int:
             best.append(f"- M_MAX={m}: fastest {cfg} at {t:.4f} ms" +
                         (f"; the current setting {now[0]:.4f} ms" if now else ""))
 
-    lines += ["", f"## Fused kernel tile ({k}x{n}, 4.0 bpw; ms)", "", "| M | BLOCK_K | BLOCK_N | ms |", "|---:|---:|---:|---:|"]
-    saved = ops.BLOCK_K, ops.BLOCK_N
+    lines += ["", f"## Fused kernel tile ({k}x{n}, 4.0 bpw; ms)", "", "| M | FUSED_BLOCK_M | FUSED_BLOCK_N | ms |",
+              "|---:|---:|---:|---:|"]
+    saved = ops.FUSED_BLOCK_M, ops.FUSED_BLOCK_N
     for m in (16, 32):
         x = torch.randn(m, k, device=device, dtype=torch.float16)
         results = []
-        for block_k, block_n in ((32, 64), (64, 64), (32, 128), (64, 128)):
-            ops.BLOCK_K, ops.BLOCK_N = block_k, block_n
+        for block_m, block_n in ((16, 64), (16, 128), (16, 256), (32, 64), (32, 128)):
+            if block_m > m:
+                continue
+            ops.FUSED_BLOCK_M, ops.FUSED_BLOCK_N = block_m, block_n
             try:
                 t = bench(lambda: ops.fused_matmul(x, qm))
             finally:
-                ops.BLOCK_K, ops.BLOCK_N = saved
-            results.append((t, block_k, block_n))
-            lines.append(f"| {m} | {block_k} | {block_n} | {t:.4f} |")
+                ops.FUSED_BLOCK_M, ops.FUSED_BLOCK_N = saved
+            results.append((t, block_m, block_n))
+            lines.append(f"| {m} | {block_m} | {block_n} | {t:.4f} |")
             report(out, lines)
-        t, block_k, block_n = min(results)
-        best.append(f"- fused, M = {m}: fastest BLOCK_K={block_k}, BLOCK_N={block_n} at {t:.4f} ms")
+        t, block_m, block_n = min(results)
+        best.append(f"- fused, M = {m}: fastest FUSED_BLOCK_M={block_m}, FUSED_BLOCK_N={block_n} at {t:.4f} ms")
     lines += ["", "## Fastest (set these in exl2/fast/tuning.py)", ""] + best
     report(out, lines)
     return 0

@@ -521,33 +521,3 @@ def shuffle_and_dequant(words: list[int], bits: int) -> list[int]:
         q_0, q_1 = words
         return [((q_0 >> (i * 8)) & 0xFF) - z for i in range(4)] + [((q_1 >> (i * 8)) & 0xFF) - z for i in range(4)]
     raise ValueError(bits)
-
-
-# ------------------------------------------------------------------------------------------
-# Older entry point (tests/test_reference_decode.py)
-
-
-def pack_layer(q: np.ndarray, qscale: np.ndarray, scale_max: np.ndarray, groups: list[tuple[int, int]],
-               invperm: np.ndarray) -> dict[str, np.ndarray]:
-    """Pack with bare tensor names, ``groups`` as ``[(bits, rows)]`` (each group's own row count,
-    which ``AdaptiveGPTQ.pack`` would take from ``group_size[bits]``): the same kernels and
-    padding as :func:`adaptive_gptq_pack`, one group at a time."""
-    columns = q.shape[1]
-    padding = -columns % 32
-    qwt = np.pad(q.astype(np.int16), ((0, 0), (0, padding)))
-    words, q_groups, row, out_row = [], [], 0, 0
-    for bits, rows in groups:
-        g_qwt = qwt[row:row + rows]
-        if padding:
-            g_qwt[:, -padding:] = 2 ** (bits - 1)
-        words.append(pack_columns_kernel(g_qwt, rows * bits // 32, bits))
-        q_groups += [bits, out_row]
-        row += rows
-        out_row += rows * bits // 32
-    return {
-        "q_weight": np.concatenate(words),
-        "q_scale": pack_rows_4_kernel(np.pad(qscale.astype(np.int16), ((0, 0), (0, padding)))),
-        "q_scale_max": scale_max.astype(np.float16),
-        "q_groups": np.array(q_groups, dtype=np.int16),
-        "q_invperm": invperm.astype(np.int32),
-    }

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from exl2 import FormatError, QParams, fast, reference
 from exl2.conformance.strategies import matmul_inputs, qmatrices
 from exl2.fast import gptq, ops
-from exl2.fast.tuning import GEMV_INSTRUCTIONS_PER_WEIGHT_BUDGET, GemvConfig
+from exl2.fast.tuning import DEQUANT_INSTRUCTIONS_PER_WEIGHT_BUDGET, GEMV_INSTRUCTIONS_PER_WEIGHT_BUDGET, GemvConfig
 from exl2.format import BLOCKS, WIDTHS, row_granule
 from exl2.reference.bounds import GPTQ_MAX_ERROR_RATIO, GPTQ_MIN_CODE_AGREEMENT, hessian_weighted_error, matmul_within_bound
 
@@ -214,11 +214,12 @@ def test_backend_note_says_interpreted():
 
 
 def test_kernels_compile_for_a_gpu():
-    """Every kernel compiles to a cubin for sm_90 in the configurations ops launches (ahead of
-    time, no GPU needed): catches errors only the compiler sees, which the interpreter does not.
-    In the compiled code no kernel spills registers, and the GEMV at M = 1 spends no more
-    instructions per 4-bit weight than the budget that lets it run near memory speed
-    (tuning.GEMV_INSTRUCTIONS_PER_WEIGHT_BUDGET; a static count, not a timing)."""
+    """Every kernel compiles for sm_90 (cubin) and for ROCm's gfx942 (hsaco) in the configurations
+    ops launches (ahead of time, no GPU needed): catches errors only the compiler sees, which the
+    interpreter does not.
+    In the compiled code no kernel spills registers, and the GEMV at M = 1 and dequantize spend
+    no more instructions per 4-bit weight than the budgets that let them run near memory speed
+    (tuning.*_INSTRUCTIONS_PER_WEIGHT_BUDGET; static counts, not timings)."""
     import json
     import os
     from pathlib import Path
@@ -226,14 +227,19 @@ def test_kernels_compile_for_a_gpu():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
     script = Path(fast.__file__).with_name("aot_check.py")
-    r = subprocess.run([sys.executable, str(script), "--arch", "90", "--sass", "--json"], capture_output=True,
-                       text=True, env=env, timeout=600)
+    r = subprocess.run([sys.executable, str(script), "--arch", "90", "--arch", "gfx942", "--sass", "--json"],
+                       capture_output=True, text=True, env=env, timeout=900)
     assert r.returncode == 0, r.stdout + r.stderr
     rows = [json.loads(line) for line in r.stdout.splitlines()]
-    assert {row["kernel"] for row in rows} == set(aot_check_kernels()) and all(row["ok"] for row in rows)
+    for arch in (90, "gfx942"):
+        assert {row["kernel"] for row in rows if row["arch"] == str(arch)} == set(aot_check_kernels())
+    assert all(row["ok"] for row in rows), [row for row in rows if not row["ok"]]
     assert all(row["stack"] == 0 for row in rows), [row for row in rows if row["stack"]]
+    rows = [row for row in rows if row["arch"] == "90"]
     gemv = {row["config"].split()[0]: row for row in rows if row["kernel"] == "gemv_kernel"}
     assert gemv["M_MAX=1"]["instructions_per_weight"]["4"] <= GEMV_INSTRUCTIONS_PER_WEIGHT_BUDGET, gemv["M_MAX=1"]
+    dequantize = next(row for row in rows if row["kernel"] == "dequantize_kernel")
+    assert dequantize["instructions_per_weight"]["4"] <= DEQUANT_INSTRUCTIONS_PER_WEIGHT_BUDGET, dequantize
 
 
 def aot_check_kernels() -> list[str]:

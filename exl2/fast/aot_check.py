@@ -1,15 +1,18 @@
-"""Compile every fast-path kernel for a GPU target without a GPU (ahead of time, to cubin with
-the ptxas that Triton ships), in the configurations :mod:`exl2.fast.ops` launches, so that errors
-only the compiler sees (constexpr handling, types of branches, layouts) show up on a machine
-without a GPU too, and so that the compiled code can be read.
+"""Compile every fast-path kernel for GPU targets without a GPU (ahead of time: to a cubin with
+the ptxas Triton ships for NVIDIA, to an hsaco with Triton's AMD back end for ROCm), in the
+configurations :mod:`exl2.fast.ops` launches, so that errors only the compiler sees (constexpr
+handling, types of branches, layouts) show up on a machine without a GPU too, and so that the
+compiled code can be read.
 
-    python exl2/fast/aot_check.py [--arch 90] [--arch 80] [--sass] [--json]
+    python exl2/fast/aot_check.py [--arch 90] [--arch 80] [--arch gfx942] [--sass] [--json]
 
-Per kernel it prints registers per thread and the stack frame (non-zero: registers spilled to
-local memory), read from the cubin with Triton's ``cuobjdump``. With ``--sass`` it also
-disassembles the GEMV (Triton's ``nvdisasm``) and counts the instructions of each width's branch
-per decoded weight and row of x: the figure the kernel's speed at M = 1 hangs on (see
-docs/performance.md). ``--json`` prints one JSON object per compiled kernel instead of text.
+``--arch`` takes a CUDA compute capability (80: A100, 90: H100/H200) or an AMD ``gfx`` name
+(gfx942: MI300X, gfx90a: MI250); by default 80, 90 and gfx942. Per kernel it prints registers per
+thread and the stack frame (non-zero: registers spilled to memory), read from the cubin with
+Triton's ``cuobjdump`` (NVIDIA) or from the AMDGCN listing (VGPRs, scratch size). With ``--sass`` it also
+disassembles the GEMV and dequantize kernels (Triton's ``nvdisasm``) and counts, per width, the
+instructions a thread spends per decoded weight (and row of x, for the GEMV): the figure their
+speed hangs on when memory is not the limit (see docs/performance.md). ``--json`` prints one JSON object per compiled kernel instead of text.
 
 Run as a script, with TRITON_INTERPRET unset: it loads ``kernels.py`` and ``tuning.py`` by path,
 so that importing :mod:`exl2.fast` (which turns the interpreter on where there is no GPU) is not
@@ -44,10 +47,11 @@ POINTERS: dict[str, dict[str, str]] = {
                         part_ptr="*fp32"),
     "split_sum_kernel": dict(part_ptr="*fp32", bias_ptr="*fp16", y_ptr="*fp16"),
     "gptq_group_kernel": dict(w_ptr="*fp32", u_ptr="*fp32", scale_ptr="*fp32", code_ptr="*i64", err_ptr="*fp32"),
-    "dequantize_kernel": dict(qw_ptr="*i32", qs_ptr="*i32", smax_ptr="*fp16", qrow_ptr="*i32", shift_ptr="*i32",
-                              bits_ptr="*i32", group_ptr="*i32", dest_ptr="*i32", out_ptr="*fp16"),
-    "matmul_kernel": dict(x_ptr="*fp16", qw_ptr="*i32", qs_ptr="*i32", smax_ptr="*fp16", qrow_ptr="*i32",
-                          shift_ptr="*i32", bits_ptr="*i32", group_ptr="*i32", bias_ptr="*fp16", y_ptr="*fp16"),
+    "dequantize_kernel": dict(qw_ptr="*i32", qs_ptr="*i32", smax_ptr="*fp16", dest_ptr="*i32", tile_bits_ptr="*i32",
+                              tile_row_ptr="*i32", tile_qrow_ptr="*i32", tile_group_ptr="*i32", out_ptr="*fp16"),
+    "matmul_kernel": dict(x_ptr="*fp16", qw_ptr="*i32", qs_ptr="*i32", smax_ptr="*fp16", tile_bits_ptr="*i32",
+                          tile_row_ptr="*i32", tile_qrow_ptr="*i32", tile_group_ptr="*i32", bias_ptr="*fp16",
+                          y_ptr="*fp16"),
     "encode_kernel": dict(w_ptr="*fp32", scale_ptr="*fp32", code_ptr="*i64", value_ptr="*fp32"),
     "pack_kernel": dict(code_ptr="*i64", row0_ptr="*i32", word_ptr="*i32", out_ptr="*i32"),
 }
@@ -70,18 +74,23 @@ def launches(tuning) -> list[tuple[str, str, dict[str, object], int]]:
     out += [
         ("split_sum_kernel", "", dict(HAS_BIAS=True, BLOCK=1024), 4),
         ("gptq_group_kernel", "", dict(BLOCK_R=tuning.GPTQ_GROUP_MAX_ROWS, BLOCK_N=tuning.GPTQ_BLOCK_N), 4),
-        ("dequantize_kernel", "", dict(BLOCK_K=tuning.BLOCK_K, BLOCK_N=tuning.BLOCK_N), 4),
+        ("dequantize_kernel", "", dict(BLOCK_N=tuning.DEQUANT_BLOCK_N), tuning.DEQUANT_WARPS),
         ("matmul_kernel", "", dict(HAS_BIAS=True, X_IS_F16=True, BLOCK_M=tuning.FUSED_BLOCK_M,
-                                   BLOCK_N=tuning.BLOCK_N, BLOCK_K=tuning.BLOCK_K), 4),
-        ("encode_kernel", "", dict(BLOCK_R=16, BLOCK_N=tuning.BLOCK_N), 4),
-        ("pack_kernel", "", dict(MAX_CODES=18, BLOCK_W=16, BLOCK_N=tuning.BLOCK_N), 4),
+                                   BLOCK_N=tuning.FUSED_BLOCK_N, BLOCK_K=tuning.FUSED_BLOCK_K), 4),
+        ("encode_kernel", "", dict(BLOCK_R=16, BLOCK_N=tuning.ENCODE_BLOCK_N), 4),
+        ("pack_kernel", "", dict(MAX_CODES=18, BLOCK_W=16, BLOCK_N=tuning.ENCODE_BLOCK_N), 4),
     ]
     return out
 
 
-def compile_kernel(kernels, name: str, constexprs: dict[str, object], warps: int, arch: int):
-    import triton
+def target(arch: str):
     from triton.backends.compiler import GPUTarget
+
+    return GPUTarget("hip", arch, 64) if arch.startswith("gfx") else GPUTarget("cuda", int(arch), 32)
+
+
+def compile_kernel(kernels, name: str, constexprs: dict[str, object], warps: int, arch: str | int):
+    import triton
     from triton.compiler import ASTSource
 
     fn = getattr(kernels, name)
@@ -91,13 +100,19 @@ def compile_kernel(kernels, name: str, constexprs: dict[str, object], warps: int
              if a in pointers or a in ALIGNED_INTS}
     src = ASTSource(fn=fn, signature=signature, attrs=attrs,
                     constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
+    return triton.compile(src, target=target(str(arch)), options={"num_warps": warps})
 
 
 def tool(name: str) -> str:
     import triton
 
     return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name)
+
+
+def amd_resources(amdgcn: str) -> dict[str, int]:
+    """VGPRs per thread and scratch bytes (spills) from Triton's AMDGCN listing."""
+    value = lambda key: int(re.search(rf"; {key}: (\d+)", amdgcn).group(1))  # noqa: E731
+    return dict(registers=value("TotalNumVgprs"), stack=value("ScratchSize"))
 
 
 def resources(cubin: bytes) -> dict[str, int]:
@@ -111,12 +126,14 @@ def resources(cubin: bytes) -> dict[str, int]:
     return dict(zip(("registers", "stack", "shared", "local"), map(int, m.groups())))
 
 
-def gemv_instructions(cubin: bytes, constexprs: dict[str, object], warps: int) -> dict[int, float]:
-    """Per width: the SASS instructions one pass of the GEMV's tile loop executes for a tile of
-    that width (the loop's head: tile table, scales, the jump; that width's branch; the join
-    they share, up to the jump back), per decoded weight and row of x: the pass covers ``ROWS``
-    stored rows x the thread's columns x ``M_MAX`` rows of x. The branches are the targets of
-    the loop's jump table, in the order of ``bits - 2`` (2, 3, 4, 5, 6 bits)."""
+def tile_instructions(cubin: bytes, weights_per_pass: dict[int, int]) -> dict[int, float]:
+    """Per width: the SASS instructions a thread executes for one tile of that width, per
+    decoded weight (``weights_per_pass[bits]``: the weights one thread decodes per tile, times
+    the rows of x for the GEMV). Both tile-walking kernels pick the width by a jump table whose
+    targets are in the order of ``bits - 2`` (2, 3, 4, 5, 6 bits; 8 is the fall-through). The
+    GEMV loops over tiles: a pass is the loop's head (tile table, scales, the jump), the width's
+    branch and the join they share, up to the jump back. Dequantize decodes one tile per
+    program: the code before the jump, then the width's branch up to its exit."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
@@ -125,43 +142,48 @@ def gemv_instructions(cubin: bytes, constexprs: dict[str, object], warps: int) -
     labels = {m.group(1): i for i, line in enumerate(sass) if (m := re.match(r"^(\.L_x_\d+):", line))}
     is_instruction = re.compile(r"/\*[0-9a-f]+\*/\s")
     jump = re.compile(r"/\*[0-9a-f]+\*/\s+BRA `\((\.L_x_\d+)\)")  # unconditional: no @P guard
+    exit_ = re.compile(r"/\*[0-9a-f]+\*/\s+EXIT\b")
 
     def jump_at(i: int) -> str | None:
         m = jump.search(sass[i])
         return m.group(1) if m else None
 
-    join = collections.Counter(t for i in range(len(sass)) if (t := jump_at(i))).most_common(1)[0][0]
-    i = labels[join]
-    while not jump_at(i):
-        i += 1
-    head, join_end = jump_at(i), i  # the jump back to the loop's head ends the join
-    brx = next(i for i, line in enumerate(sass) if "BRANCH_TARGETS" in line)
-    targets = re.search(r"BRANCH_TARGETS ([^\"]*)\"", sass[brx]).group(1).split(",")
-
     def count(first: int, last: int) -> int:
         return sum(bool(is_instruction.search(line)) for line in sass[first:last + 1])
 
-    def branch(label: str) -> int:  # follows unconditional jumps until the join
+    brx = next(i for i, line in enumerate(sass) if "BRANCH_TARGETS" in line)
+    targets = re.search(r"BRANCH_TARGETS ([^\"]*)\"", sass[brx]).group(1).split(",")
+    join, joins = collections.Counter(t for i in range(len(sass)) if (t := jump_at(i))).most_common(1)[0]
+    looped = joins >= len(targets)  # every branch jumps to a shared join
+
+    def branch(label: str) -> int:  # follows unconditional jumps until the join or an exit
         n, i = 0, labels[label] + 1
-        while not sass[i].startswith(join + ":"):
+        while not (looped and sass[i].startswith(join + ":")):
             if is_instruction.search(sass[i]):
                 n += 1
+                if not looped and exit_.search(sass[i]):
+                    break
                 if (t := jump_at(i)) is not None:
-                    if t == join:
+                    if looped and t == join:
                         break
                     i = labels[t]
             i += 1
         return n
 
-    shared = count(labels[head], brx) + count(labels[join], join_end)
-    per_thread = constexprs["BLOCK_N"] // (32 * warps) * constexprs["M_MAX"]
-    return {bits: (shared + branch(t)) / ((16 if bits == 2 else 32) * per_thread)
-            for bits, t in zip((2, 3, 4, 5, 6), targets)}
+    if looped:
+        i = labels[join]
+        while not jump_at(i):
+            i += 1
+        shared = count(labels[jump_at(i)], brx) + count(labels[join], i)  # the jump back names the loop's head
+    else:
+        shared = count(0, brx)
+    return {bits: (shared + branch(t)) / weights_per_pass[bits] for bits, t in zip((2, 3, 4, 5, 6), targets)}
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--arch", type=int, action="append", help="CUDA compute capability, e.g. 90 (default: 80 and 90)")
+    p.add_argument("--arch", action="append",
+                   help="CUDA compute capability (90) or AMD gfx name (gfx942); default 80, 90 and gfx942")
     p.add_argument("--sass", action="store_true", help="count the GEMV's instructions per weight (nvdisasm)")
     p.add_argument("--json", action="store_true", help="one JSON object per compiled kernel")
     args = p.parse_args()
@@ -170,17 +192,22 @@ def main() -> int:
         return 2
     kernels, tuning = load("kernels"), load("tuning")
     failed = 0
-    for arch in args.arch or [80, 90]:
+    for arch in args.arch or ["80", "90", "gfx942"]:
+        prefix = arch if arch.startswith("gfx") else f"sm_{arch}"
         for name, label, constexprs, warps in launches(tuning):
             t0 = time.perf_counter()
             row = dict(arch=arch, kernel=name, config=label, warps=warps)
             try:
                 compiled = compile_kernel(kernels, name, constexprs, warps, arch)
-                cubin = compiled.asm["cubin"]
-                row.update(ok=True, seconds=round(time.perf_counter() - t0, 1), **resources(cubin))
-                if args.sass and name == "gemv_kernel":
+                amd = arch.startswith("gfx")
+                cubin = None if amd else compiled.asm["cubin"]
+                row.update(ok=True, seconds=round(time.perf_counter() - t0, 1),
+                           **(amd_resources(compiled.asm["amdgcn"]) if amd else resources(cubin)))
+                if args.sass and not amd and name in ("gemv_kernel", "dequantize_kernel"):
+                    per_thread = constexprs["BLOCK_N"] // (32 * warps) * constexprs.get("M_MAX", 1)
+                    weights = {b: (16 if b == 2 else 32) * per_thread for b in (2, 3, 4, 5, 6)}
                     row["instructions_per_weight"] = {b: round(v, 2) for b, v in
-                                                      gemv_instructions(cubin, constexprs, warps).items()}
+                                                      tile_instructions(cubin, weights).items()}
             except Exception as e:  # noqa: BLE001 - report every kernel, then fail
                 failed += 1
                 cause = f" ({e.__cause__!r})" if e.__cause__ else ""
@@ -189,11 +216,11 @@ def main() -> int:
                 print(json.dumps(row), flush=True)
             elif row["ok"]:
                 ipw = row.get("instructions_per_weight")
-                print(f"sm_{arch} {name} {label}: ok ({row['seconds']} s, {row['registers']} registers, "
+                print(f"{prefix} {name} {label}: ok ({row['seconds']} s, {row['registers']} registers, "
                       f"stack {row['stack']} B" + (", instructions per weight " + " ".join(
                           f"{b}b {v}" for b, v in ipw.items()) if ipw else "") + ")", flush=True)
             else:
-                print(f"sm_{arch} {name} {label}: FAILED {row['error']}", flush=True)
+                print(f"{prefix} {name} {label}: FAILED {row['error']}", flush=True)
     return 1 if failed else 0
 
 

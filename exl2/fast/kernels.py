@@ -6,7 +6,9 @@ into large tensors are int64. Decoded float16 values are produced by one float32
 to float16 (round to nearest even, Triton's default for fp32 -> fp16), exactly where spec 6
 rounds: the product of two float16 values is exact in float32.
 
-Kernels: :func:`dequantize_kernel` (bit-exact decode), :func:`gemv_kernel` +
+All decoding kernels walk the tile table (:func:`exl2.fast.plan.tile_table`): tiles of 32
+stored rows (16 in 2-bit groups) that lie in one group, so a column's scale is computed once per
+tile, and start on a word boundary. Kernels: :func:`dequantize_kernel` (bit-exact decode), :func:`gemv_kernel` +
 :func:`split_sum_kernel` (M <= 4, every word read once), :func:`matmul_kernel` (fused decode +
 tensor-core GEMM), :func:`encode_kernel` and :func:`pack_kernel` (codes and words, bit-exact),
 :func:`gptq_group_kernel` (GPTQ's row loop inside one group).
@@ -19,79 +21,60 @@ import triton.language as tl
 
 
 @triton.jit
-def _decode_tile(qw_ptr, stride_qw, qs_ptr, stride_qs, smax_ptr, qrow_ptr, shift_ptr, bits_ptr, group_ptr,
-                 rk, mk, rn, mask):
-    """float16 values of stored rows ``rk`` [BLOCK_K] (valid where ``mk``) and columns ``rn``
-    [BLOCK_N] (spec 5.1, 6.1-6.3), from the row table (first q_weight row, shift, width, group of
-    each stored row). Masked elements decode to 0."""
-    qrow = tl.load(qrow_ptr + rk, mask=mk, other=0).to(tl.int64)[:, None]
-    shift = tl.load(shift_ptr + rk, mask=mk, other=0)[:, None]
-    bits = tl.load(bits_ptr + rk, mask=mk, other=2)[:, None]
-    group = tl.load(group_ptr + rk, mask=mk, other=0)[:, None]
-    lo = tl.load(qw_ptr + qrow * stride_qw + rn[None, :], mask=mask, other=0).to(tl.uint32, bitcast=True)
+def _decode_group_tile(w_ptrs, stride_qw, bits, rows, scale, mn, BLOCK_K: tl.constexpr):
+    """float16 ``[BLOCK_K, BLOCK_N]``: the ``rows <= BLOCK_K`` stored rows of one tile of the
+    tile table (width ``bits``, one group: ``scale`` is the columns' float16 scale, as float32),
+    decoded for the program's columns (spec 5.1, 6.3); rows past ``rows`` and masked columns are 0.
+    Row ``j``'s code starts ``j * bits`` bits into the tile; a code that straddles two words takes
+    its high bits from the next word (loaded only for those rows)."""
+    j = tl.arange(0, BLOCK_K)
+    mask = (j < rows)[:, None] & mn[None, :]
+    word = ((j * bits) // 32)[:, None]
+    shift = ((j * bits) % 32)[:, None]
+    lo = tl.load(w_ptrs[None, :] + word * stride_qw, mask=mask, other=0).to(tl.uint32, bitcast=True)
     # the next word only for a straddling code; 0 otherwise, so that the shift below adds nothing
-    straddles = (shift + bits) > 32
-    hi = tl.load(qw_ptr + (qrow + 1) * stride_qw + rn[None, :], mask=mask & straddles,
+    hi = tl.load(w_ptrs[None, :] + (word + 1) * stride_qw, mask=mask & (shift + bits > 32),
                  other=0).to(tl.uint32, bitcast=True)
     code = (lo >> shift.to(tl.uint32)) | (hi << ((32 - shift) & 31).to(tl.uint32))
-    code = (code & ((1 << bits) - 1).to(tl.uint32)).to(tl.int32)
-
-    word = tl.load(qs_ptr + group * stride_qs + (rn[None, :] // 8), mask=mask, other=0).to(tl.uint32, bitcast=True)
-    qs = ((word >> ((rn[None, :] % 8) * 4).to(tl.uint32)) & 0xF).to(tl.int32) + 1
-    m = (tl.load(smax_ptr + group, mask=mk[:, None], other=0.0).to(tl.float32) * 0.00390625).to(tl.float16)
-    scale = ((qs * qs).to(tl.float32) * m.to(tl.float32)).to(tl.float16).to(tl.float32)
-    value = ((code - (1 << (bits - 1))).to(tl.float32) * scale).to(tl.float16)
+    q = (code & ((1 << bits) - 1).to(tl.uint32)).to(tl.int32) - (1 << (bits - 1))
+    value = (q.to(tl.float32) * scale[None, :]).to(tl.float16)
     return tl.where(mask, value, 0.0).to(tl.float16)
 
 
 @triton.jit
-def dequantize_kernel(qw_ptr, stride_qw, qs_ptr, stride_qs, smax_ptr,
-                      qrow_ptr, shift_ptr, bits_ptr, group_ptr, dest_ptr,
-                      out_ptr, stride_out, K, N,
-                      BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
-    """One program decodes stored rows ``[pid_k * BLOCK_K, +BLOCK_K)`` x columns
-    ``[pid_n * BLOCK_N, +BLOCK_N)`` and writes them to their input-feature rows ``q_perm[k]``."""
-    pid_k = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mk = rk < K
-    mask = mk[:, None] & (rn[None, :] < N)
-    dest = tl.load(dest_ptr + rk, mask=mk, other=0)
-    v = _decode_tile(qw_ptr, stride_qw, qs_ptr, stride_qs, smax_ptr, qrow_ptr, shift_ptr, bits_ptr, group_ptr,
-                     rk, mk, rn, mask)
-    tl.store(out_ptr + dest.to(tl.int64)[:, None] * stride_out + rn[None, :], v, mask=mask)
-
-
-@triton.jit
 def matmul_kernel(x_ptr, stride_xm, qw_ptr, stride_qw, qs_ptr, stride_qs, smax_ptr,
-                  qrow_ptr, shift_ptr, bits_ptr, group_ptr, bias_ptr, y_ptr, stride_ym,
-                  M, N, K, HAS_BIAS: tl.constexpr, X_IS_F16: tl.constexpr,
+                  tile_bits_ptr, tile_row_ptr, tile_qrow_ptr, tile_group_ptr, n_tiles, bias_ptr, y_ptr, stride_ym,
+                  M, N, HAS_BIAS: tl.constexpr, X_IS_F16: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """One program computes ``y[rm, rn]`` for ``BLOCK_M`` rows of x and ``BLOCK_N`` output columns:
-    the sum over stored rows ``k`` of ``x_perm[:, k] * stored[k, rn]``, decoding each
-    ``BLOCK_K x BLOCK_N`` tile of the weights on the fly (x is pre-permuted: ``x_perm = x[:, q_perm]``),
-    accumulated in float32, plus the bias."""
+    the sum over the tiles of the tile table (32 stored rows, 16 in 2-bit groups; ``BLOCK_K`` is
+    32) of ``x_perm[:, tile] @ B[tile, rn]``, each tile's weights decoded in registers with one
+    scale per column (:func:`_decode_group_tile`) and never written out (x is pre-permuted:
+    ``x_perm = x[:, q_perm]``), accumulated in float32, plus the bias."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mn = rn < N
+    j = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        rk = k0 + tl.arange(0, BLOCK_K)
-        mk = rk < K
-        mask = mk[:, None] & (rn[None, :] < N)
-        w = _decode_tile(qw_ptr, stride_qw, qs_ptr, stride_qs, smax_ptr, qrow_ptr, shift_ptr, bits_ptr, group_ptr,
-                         rk, mk, rn, mask)
-        x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=(rm[:, None] < M) & mk[None, :], other=0.0)
+    for t in range(0, n_tiles):
+        bits = tl.load(tile_bits_ptr + t)
+        rows = tl.where(bits == 2, 16, 32)
+        row0 = tl.load(tile_row_ptr + t)
+        w_ptrs = qw_ptr + tl.load(tile_qrow_ptr + t).to(tl.int64) * stride_qw + rn
+        scale = _column_scales(qs_ptr, stride_qs, smax_ptr, tl.load(tile_group_ptr + t), rn, mn)
+        w = _decode_group_tile(w_ptrs, stride_qw, bits, rows, scale, mn, BLOCK_K)
+        x = tl.load(x_ptr + rm[:, None] * stride_xm + row0 + j[None, :], mask=(rm[:, None] < M) & (j < rows)[None, :],
+                    other=0.0)
         if X_IS_F16:
             acc += tl.dot(x.to(tl.float16), w, out_dtype=tl.float32)
         else:
             acc += tl.dot(x.to(tl.float32), w.to(tl.float32), input_precision="ieee", out_dtype=tl.float32)
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+        acc += tl.load(bias_ptr + rn, mask=mn, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty),
-             mask=(rm[:, None] < M) & (rn[None, :] < N))
+             mask=(rm[:, None] < M) & mn[None, :])
 
 
 @triton.jit
@@ -159,6 +142,85 @@ def _column_scales(qs_ptr, stride_qs, smax_ptr, group, rn, mn):
 
 
 @triton.jit
+def _first_words(w_ptrs, stride_qw, mn, BITS: tl.constexpr, ROWS: tl.constexpr):
+    """The tile's first q_weight word and the next (the same word when the tile has one) of each
+    column (``w_ptrs``: the tile's first word of each column), as uint32: the words holding code 0."""
+    cur = tl.load(w_ptrs, mask=mn, other=0).to(tl.uint32, bitcast=True)
+    nxt = cur
+    if ROWS * BITS // 32 > 1:
+        nxt = tl.load(w_ptrs + stride_qw, mask=mn, other=0).to(tl.uint32, bitcast=True)
+    return cur, nxt
+
+
+@triton.jit
+def _next_words(cur, nxt, w_ptrs, stride_qw, mn, j: tl.constexpr, BITS: tl.constexpr, ROWS: tl.constexpr):
+    """The words holding code ``j > 0`` from those holding code ``j - 1``: code j starts
+    ``(j * BITS) // 32`` words into the tile; when that is the next word, shift the pair along and
+    load the word after it (each word of the tile is loaded once)."""
+    if (j * BITS) // 32 != ((j - 1) * BITS) // 32:
+        cur = nxt
+        if (j * BITS) // 32 + 1 < ROWS * BITS // 32:
+            nxt = tl.load(w_ptrs + ((j * BITS) // 32 + 1) * stride_qw, mask=mn, other=0).to(tl.uint32, bitcast=True)
+    return cur, nxt
+
+
+@triton.jit
+def _code(cur, nxt, j: tl.constexpr, BITS: tl.constexpr):
+    """Code ``j`` of the tile (spec 5.1), cut from its words with compile-time shifts: it starts
+    ``(j * BITS) % 32`` bits into ``cur`` and straddles into ``nxt`` when that plus ``BITS`` passes 32."""
+    code = cur >> ((j * BITS) % 32)
+    if (j * BITS) % 32 + BITS > 32:
+        code = code | (nxt << (32 - (j * BITS) % 32))
+    return code & ((1 << BITS) - 1)
+
+
+@triton.jit
+def _dequantize_tile(w_ptrs, stride_qw, dest_ptr, out_ptr, stride_out, scale, rn, mn,
+                     BITS: tl.constexpr, ROWS: tl.constexpr):
+    """Decode one tile of ``ROWS`` stored rows of width ``BITS`` for the program's columns and
+    store row ``j`` at input-feature row ``dest[j]`` of ``out`` (spec 6.3): ``half((q - z) * s)``,
+    one float32 product of an integer below 2^8 and a float16 value (exact), rounded once."""
+    cur, nxt = _first_words(w_ptrs, stride_qw, mn, BITS, ROWS)
+    for j in tl.static_range(ROWS):
+        if j > 0:
+            cur, nxt = _next_words(cur, nxt, w_ptrs, stride_qw, mn, j, BITS, ROWS)
+        q = _code(cur, nxt, j, BITS).to(tl.int32) - (1 << (BITS - 1))
+        value = (q.to(tl.float32) * scale).to(tl.float16)
+        row = tl.load(dest_ptr + j).to(tl.int64)
+        tl.store(out_ptr + row * stride_out + rn, value, mask=mn)
+
+
+@triton.jit
+def dequantize_kernel(qw_ptr, stride_qw, qs_ptr, stride_qs, smax_ptr, dest_ptr,
+                      tile_bits_ptr, tile_row_ptr, tile_qrow_ptr, tile_group_ptr,
+                      out_ptr, stride_out, N, BLOCK_N: tl.constexpr):
+    """One program decodes tile ``pid_t`` of the tile table (32 stored rows, 16 in 2-bit groups,
+    inside one group) x columns ``[pid_n * BLOCK_N, +BLOCK_N)`` and writes each stored row ``k``
+    to input-feature row ``q_perm[k]`` (``dest``). The scale of each column is computed once per
+    tile; every q_weight word is loaded once; the width is a runtime value per tile and each
+    branch is :func:`_dequantize_tile` compiled for one width (constant shifts and masks)."""
+    t = tl.program_id(0)
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mn = rn < N
+    bits = tl.load(tile_bits_ptr + t)
+    dest = dest_ptr + tl.load(tile_row_ptr + t)
+    w_ptrs = qw_ptr + tl.load(tile_qrow_ptr + t).to(tl.int64) * stride_qw + rn
+    scale = _column_scales(qs_ptr, stride_qs, smax_ptr, tl.load(tile_group_ptr + t), rn, mn)
+    if bits == 4:
+        _dequantize_tile(w_ptrs, stride_qw, dest, out_ptr, stride_out, scale, rn, mn, 4, 32)
+    elif bits == 3:
+        _dequantize_tile(w_ptrs, stride_qw, dest, out_ptr, stride_out, scale, rn, mn, 3, 32)
+    elif bits == 5:
+        _dequantize_tile(w_ptrs, stride_qw, dest, out_ptr, stride_out, scale, rn, mn, 5, 32)
+    elif bits == 6:
+        _dequantize_tile(w_ptrs, stride_qw, dest, out_ptr, stride_out, scale, rn, mn, 6, 32)
+    elif bits == 2:
+        _dequantize_tile(w_ptrs, stride_qw, dest, out_ptr, stride_out, scale, rn, mn, 2, 16)
+    else:
+        _dequantize_tile(w_ptrs, stride_qw, dest, out_ptr, stride_out, scale, rn, mn, 8, 32)
+
+
+@triton.jit
 def _x_row(x_ptr, stride_xm, idx, M, m: tl.constexpr):
     """float32 ``x[m, idx]``, 0 for rows ``m >= M`` (a scalar: the same for every thread)."""
     return tl.load(x_ptr + m * stride_xm + idx, mask=m < M, other=0.0).to(tl.float32)
@@ -186,9 +248,7 @@ def _tile_product(acc0, acc1, acc2, acc3, w_ptrs, stride_qw, x_ptr, stride_xm, d
     values are scalars: a 2-D ``[M, BLOCK_N]`` accumulator would take a layout other than the
     vectorized q_weight loads', and Triton would convert every decoded row through shared
     memory (seen in the compiled code: two barriers per row)."""
-    WORDS: tl.constexpr = ROWS * BITS // 32
     ZERO: tl.constexpr = 1 << (BITS - 1)
-    MASK: tl.constexpr = (1 << BITS) - 1
     qx0 = tl.zeros_like(acc0)  # sum_j x[m, j] q_j, per row m of x
     qx1 = tl.zeros_like(acc0)
     qx2 = tl.zeros_like(acc0)
@@ -197,22 +257,11 @@ def _tile_product(acc0, acc1, acc2, acc3, w_ptrs, stride_qw, x_ptr, stride_xm, d
     xs1 = 0.0
     xs2 = 0.0
     xs3 = 0.0
-    cur = tl.load(w_ptrs, mask=mn, other=0).to(tl.uint32, bitcast=True)
-    nxt = cur
-    if WORDS > 1:
-        nxt = tl.load(w_ptrs + stride_qw, mask=mn, other=0).to(tl.uint32, bitcast=True)
+    cur, nxt = _first_words(w_ptrs, stride_qw, mn, BITS, ROWS)
     for j in tl.static_range(ROWS):
-        # code j starts (j * BITS) // 32 words into the tile, (j * BITS) % 32 bits into that word
         if j > 0:
-            if (j * BITS) // 32 != ((j - 1) * BITS) // 32:  # it starts in the next word
-                cur = nxt
-                if (j * BITS) // 32 + 1 < WORDS:
-                    nxt = tl.load(w_ptrs + ((j * BITS) // 32 + 1) * stride_qw, mask=mn,
-                                  other=0).to(tl.uint32, bitcast=True)
-        code = cur >> ((j * BITS) % 32)
-        if (j * BITS) % 32 + BITS > 32:  # it straddles into the next word
-            code = code | (nxt << (32 - (j * BITS) % 32))
-        q = (code & MASK).to(tl.float32)
+            cur, nxt = _next_words(cur, nxt, w_ptrs, stride_qw, mn, j, BITS, ROWS)
+        q = _code(cur, nxt, j, BITS).to(tl.float32)
         if X_PERMUTED:
             idx = j
         else:

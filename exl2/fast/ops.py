@@ -9,8 +9,9 @@ from ..errors import FormatError
 from ..format import BLOCKS
 from ..qmatrix import QMatrix
 from . import kernels
-from .plan import cached, row_table, tile_table, word_table
-from .tuning import BLOCK_K, BLOCK_N, FUSED_BLOCK_M, GEMV_CONFIGS, GEMV_MAX_M, MATMUL_CROSSOVER_M, GemvConfig
+from .plan import cached, permutation, tile_table, word_table
+from .tuning import (DEQUANT_BLOCK_N, DEQUANT_WARPS, ENCODE_BLOCK_N, FUSED_BLOCK_K, FUSED_BLOCK_M, FUSED_BLOCK_N,
+                     GEMV_CONFIGS, GEMV_MAX_M, MATMUL_CROSSOVER_M, GemvConfig)
 
 
 def interpreted() -> bool:
@@ -51,15 +52,16 @@ def _check(qm: QMatrix) -> bool:
 
 
 def dequantize(qm: QMatrix) -> torch.Tensor:
-    """float16 ``[in_features, out_features_padded]``, bit-exact with the reference (spec 6)."""
+    """float16 ``[in_features, out_features_padded]``, bit-exact with the reference (spec 6): one
+    program per tile of the tile table and :data:`DEQUANT_BLOCK_N` columns."""
     check(qm)
-    t = row_table(qm)
+    t = tile_table(qm)
     k, n = qm.in_features, qm.out_features_padded
     out = torch.empty((k, n), dtype=torch.float16, device=qm.q_weight.device)
-    grid = (triton.cdiv(k, BLOCK_K), triton.cdiv(n, BLOCK_N))
+    grid = (t.count, triton.cdiv(n, DEQUANT_BLOCK_N))
     kernels.dequantize_kernel[grid](qm.q_weight, qm.q_weight.stride(0), qm.q_scale, qm.q_scale.stride(0),
-                                    qm.q_scale_max, t.qrow, t.shift, t.bits, t.group, t.dest, out, out.stride(0),
-                                    k, n, BLOCK_K=BLOCK_K, BLOCK_N=BLOCK_N)
+                                    qm.q_scale_max, permutation(qm), t.bits, t.row, t.qrow, t.group, out,
+                                    out.stride(0), n, BLOCK_N=DEQUANT_BLOCK_N, num_warps=DEQUANT_WARPS)
     return out
 
 
@@ -105,16 +107,15 @@ def fused_matmul(x2: torch.Tensor, qm: QMatrix) -> torch.Tensor:
     (:func:`kernels.matmul_kernel`): weights decoded tile by tile, never written out."""
     check(qm)
     m, n = x2.shape[0], qm.out_features
-    t = row_table(qm)
-    x_perm = x2[:, t.dest.to(torch.int64)].contiguous()  # x_perm[:, k] multiplies stored row k
+    t = tile_table(qm)
+    x_perm = x2[:, permutation(qm).to(torch.int64)].contiguous()  # x_perm[:, k] multiplies stored row k
     y = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
-    block_m = FUSED_BLOCK_M
-    grid = (triton.cdiv(m, block_m), triton.cdiv(n, BLOCK_N))
+    grid = (triton.cdiv(m, FUSED_BLOCK_M), triton.cdiv(n, FUSED_BLOCK_N))
     bias = qm.bias if qm.bias is not None else y
     kernels.matmul_kernel[grid](x_perm, x_perm.stride(0), qm.q_weight, qm.q_weight.stride(0), qm.q_scale,
-                                qm.q_scale.stride(0), qm.q_scale_max, t.qrow, t.shift, t.bits, t.group, bias, y,
-                                y.stride(0), m, n, qm.in_features, HAS_BIAS=qm.bias is not None,
-                                X_IS_F16=x2.dtype == torch.float16, BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
+                                qm.q_scale.stride(0), qm.q_scale_max, t.bits, t.row, t.qrow, t.group, t.count, bias, y,
+                                y.stride(0), m, n, HAS_BIAS=qm.bias is not None, X_IS_F16=x2.dtype == torch.float16,
+                                BLOCK_M=FUSED_BLOCK_M, BLOCK_N=FUSED_BLOCK_N, BLOCK_K=FUSED_BLOCK_K)
     return y
 
 
@@ -140,7 +141,7 @@ def gemv(x2: torch.Tensor, qm: QMatrix, splits: int | None = None, config: GemvC
     m_max = triton.next_power_of_2(m)
     cfg = config or GEMV_CONFIGS[m_max]
     t = tile_table(qm)
-    dest = row_table(qm).dest
+    dest = permutation(qm)
     x2 = x2[:, dest.to(torch.int64)].contiguous() if cfg.permute_x else x2.contiguous()
     column_blocks = triton.cdiv(n, cfg.block_n)
     splits = splits or gemv_splits(t.count, column_blocks, cfg.programs_per_sm, x2.device)
@@ -166,9 +167,9 @@ def encode_rows(w: torch.Tensor, scale: torch.Tensor, bits: int) -> tuple[torch.
     r, n = w2.shape
     codes = torch.empty((r, n), dtype=torch.int64, device=w.device)
     values = torch.empty((r, n), dtype=torch.float32, device=w.device)
-    grid = (triton.cdiv(r, 16), triton.cdiv(n, BLOCK_N))
+    grid = (triton.cdiv(r, 16), triton.cdiv(n, ENCODE_BLOCK_N))
     kernels.encode_kernel[grid](w2, scale.to(torch.float32).contiguous(), codes, values, r, n, bits,
-                                BLOCK_R=16, BLOCK_N=BLOCK_N)
+                                BLOCK_R=16, BLOCK_N=ENCODE_BLOCK_N)
     return codes.reshape(w.shape), values.reshape(w.shape)
 
 
@@ -182,9 +183,9 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     row0, word = word_table(rows, bits, codes.device)
     w = row0.numel()
     out = torch.empty((w, n), dtype=torch.int32, device=codes.device)
-    grid = (triton.cdiv(w, 16), triton.cdiv(n, BLOCK_N))
+    grid = (triton.cdiv(w, 16), triton.cdiv(n, ENCODE_BLOCK_N))
     kernels.pack_kernel[grid](codes.to(torch.int64).contiguous(), row0, word, out, w, n, bits, blk.rows,
-                              MAX_CODES=18, BLOCK_W=16, BLOCK_N=BLOCK_N)
+                              MAX_CODES=18, BLOCK_W=16, BLOCK_N=ENCODE_BLOCK_N)
     return out
 
 

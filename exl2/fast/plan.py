@@ -1,16 +1,11 @@
 """Load-time tables that let one kernel serve every width (spec 5.1).
 
-For each stored row ``k`` of a layer, :class:`RowTable` gives the q_weight row holding the
-first bit of its code, the bit offset inside that word, the width, the group and the output
-row ``q_perm[k]``. The code of row ``k`` in column ``n`` is then
-
-    ((w[qrow, n] >> shift) | (w[qrow + 1, n] << (32 - shift))) & (2^bits - 1)
-
-where the second word is needed only when ``shift + bits > 32`` (a straddling code).
-
-The GEMV works per tile instead (:class:`TileTable`): 32 stored rows (16 in 2-bit groups), which
-never cross a group and start on a word boundary, so within a tile every shift is a compile-time
-constant of the width. The tables are derived from the group table alone; q_weight is used as
+The decoding kernels walk the layer in tiles (:class:`TileTable`): 32 stored rows (16 in 2-bit
+groups), which never cross a group and start on a word boundary. Within a tile of width ``b``,
+code ``j`` of column ``n`` starts ``j * b`` bits into the tile's first word, so every shift is a
+function of the width alone (a compile-time constant where the kernel branches on the width),
+and each column has one scale. :func:`permutation` gives the input feature of each stored row,
+``q_perm`` (spec 4.5). The tables are derived from the group table alone; q_weight is used as
 the file stores it. Tables are cached on the QMatrix and rebuilt when its tensors change.
 """
 
@@ -43,42 +38,10 @@ def cached(qm: QMatrix, name: str, build):
     return value
 
 
-@dataclass(frozen=True)
-class RowTable:
-    qrow: torch.Tensor  #: int32 [K]
-    shift: torch.Tensor  #: int32 [K]
-    bits: torch.Tensor  #: int32 [K]
-    group: torch.Tensor  #: int32 [K]
-    dest: torch.Tensor  #: int32 [K], q_perm
-
-
-def _per_group(qm: QMatrix, device: torch.device) -> tuple[torch.Tensor, ...]:
-    gs = qm.groups.groups
-    t = lambda xs: torch.tensor(xs, dtype=torch.int64, device=device)  # noqa: E731
-    return (t([g.bits for g in gs]), t([g.row for g in gs]), t([g.rows for g in gs]), t([g.qrow for g in gs]),
-            t([BLOCKS[g.bits].rows for g in gs]), t([BLOCKS[g.bits].words for g in gs]))
-
-
-def row_table(qm: QMatrix) -> RowTable:
-    """The per-row table of ``qm`` (cached on it)."""
-    return cached(qm, "_fast_row_table", _build_row_table)
-
-
-def _build_row_table(qm: QMatrix) -> RowTable:
-    device = qm.q_weight.device
-    bits, row, rows, qrow, block_rows, block_words = _per_group(qm, device)
-    group = torch.repeat_interleave(torch.arange(len(rows), device=device), rows)
-    i = torch.arange(qm.in_features, device=device) - row[group]  # row inside its group
-    b = bits[group]
-    offset = (i % block_rows[group]) * b  # bit offset inside its block
-    table = RowTable(
-        qrow=(qrow[group] + (i // block_rows[group]) * block_words[group] + offset // 32).to(torch.int32),
-        shift=(offset % 32).to(torch.int32),
-        bits=b.to(torch.int32),
-        group=group.to(torch.int32),
-        dest=qm.q_perm.to(device),
-    )
-    return table
+def permutation(qm: QMatrix) -> torch.Tensor:
+    """``q_perm`` of ``qm`` as int32 on its device: stored row ``k`` holds input feature
+    ``q_perm[k]`` (cached on it)."""
+    return cached(qm, "_fast_permutation", lambda q: q.q_perm.to(device=q.q_weight.device, dtype=torch.int32))
 
 
 def word_table(rows: int, bits: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,7 +54,7 @@ def word_table(rows: int, bits: int, device: torch.device) -> tuple[torch.Tensor
 
 
 def tile_rows(bits: int) -> int:
-    """Rows of one GEMV tile of a ``bits``-bit group: the row granule of spec 4.4 (32, or 16 for
+    """Rows of one tile of a ``bits``-bit group: the row granule of spec 4.4 (32, or 16 for
     2-bit groups). Every group is a whole number of tiles, so a tile never crosses a group (one
     scale per column) and starts on a word boundary (its codes are whole blocks)."""
     return row_granule(bits)
@@ -113,7 +76,7 @@ class TileTable:
 
 
 def tile_table(qm: QMatrix) -> TileTable:
-    """The GEMV tile table of ``qm`` (cached on it)."""
+    """The tile table of ``qm`` (cached on it)."""
     return cached(qm, "_fast_tile_table", _build_tile_table)
 
 

@@ -52,9 +52,17 @@ GEMV_CONFIGS: dict[int, GemvConfig] = {
     4: GemvConfig(block_n=512, warps=2),
 }
 
-#: Tile of the dequantize and fused matmul kernels (the fused kernel's BLOCK_M is 16).
-BLOCK_K, BLOCK_N = 32, 64
-FUSED_BLOCK_M = 16
+#: Columns per program of the dequantize kernel (a program decodes one tile of 32 stored rows)
+#: and its warps: 8 columns per thread, so each decoded row leaves as one 128-bit store per thread.
+DEQUANT_BLOCK_N, DEQUANT_WARPS = 1024, 4
+
+#: Tile of the fused matmul kernel: rows of x and output columns per program. Its K step is one
+#: tile of the tile table (32 stored rows; 2-bit tiles of 16 fill half of it).
+FUSED_BLOCK_M, FUSED_BLOCK_N = 16, 64
+FUSED_BLOCK_K = 32
+
+#: Columns per program of the encode and pack kernels (quantize).
+ENCODE_BLOCK_N = 64
 
 #: GPTQ groups up to this many rows run as one kernel per group (rows held in registers);
 #: larger groups run row by row (an encode kernel per row, the feedback in torch).
@@ -67,3 +75,9 @@ GPTQ_BLOCK_N = 32
 #: (4.8 TB/s): 3.5 per weight keeps up with memory at full issue, 5.0 with the 70 % of peak
 #: bandwidth that issue 4 asks for. Checked by tests/test_fast.py (a static bound, not a timing).
 GEMV_INSTRUCTIONS_PER_WEIGHT_BUDGET = 5.0
+
+#: The same for dequantize at 4 bits: it moves ~2.5 bytes per weight (2 written, ~0.5 read), so
+#: 4.8 TB/s is ~1.9e12 weights/s and full issue allows ~17 instructions per weight; 12 keeps it
+#: memory bound at 70 % of full issue. The tile-table design spends ~6 (the per-element decode it
+#: replaced spent ~26).
+DEQUANT_INSTRUCTIONS_PER_WEIGHT_BUDGET = 12.0
