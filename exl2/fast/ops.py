@@ -108,7 +108,7 @@ def fused_matmul(x2: torch.Tensor, qm: QMatrix) -> torch.Tensor:
     check(qm)
     m, n = x2.shape[0], qm.out_features
     t = tile_table(qm)
-    x_perm = x2[:, permutation(qm).to(torch.int64)].contiguous()  # x_perm[:, k] multiplies stored row k
+    x_perm = in_stored_order(x2, qm)
     y = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
     grid = (triton.cdiv(m, FUSED_BLOCK_M), triton.cdiv(n, FUSED_BLOCK_N))
     bias = qm.bias if qm.bias is not None else y
@@ -117,6 +117,11 @@ def fused_matmul(x2: torch.Tensor, qm: QMatrix) -> torch.Tensor:
                                 y.stride(0), m, n, HAS_BIAS=qm.bias is not None, X_IS_F16=x2.dtype == torch.float16,
                                 BLOCK_M=FUSED_BLOCK_M, BLOCK_N=FUSED_BLOCK_N, BLOCK_K=FUSED_BLOCK_K)
     return y
+
+
+def in_stored_order(x2: torch.Tensor, qm: QMatrix) -> torch.Tensor:
+    """``x2[:, q_perm]``, contiguous: column ``k`` is the input feature that stored row ``k`` multiplies."""
+    return x2.index_select(1, permutation(qm))  # the cached int32 permutation, no index conversion per call
 
 
 def gemv_splits(tiles: int, column_blocks: int, programs_per_sm: int, device: torch.device) -> int:
@@ -142,7 +147,7 @@ def gemv(x2: torch.Tensor, qm: QMatrix, splits: int | None = None, config: GemvC
     cfg = config or GEMV_CONFIGS[m_max]
     t = tile_table(qm)
     dest = permutation(qm)
-    x2 = x2[:, dest.to(torch.int64)].contiguous() if cfg.permute_x else x2.contiguous()
+    x2 = in_stored_order(x2, qm) if cfg.permute_x else x2.contiguous()
     column_blocks = triton.cdiv(n, cfg.block_n)
     splits = splits or gemv_splits(t.count, column_blocks, cfg.programs_per_sm, x2.device)
     per_program = triton.cdiv(t.count, splits)
