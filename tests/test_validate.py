@@ -482,3 +482,75 @@ def test_shard_set_must_be_complete(tmp_path, names, expected):
     assert len(hits) == len(expected), [(f.file, f.message) for f in hits]
     for f, what in zip(hits, expected):
         assert what in f.file + " " + f.message
+
+
+# -- gaps closed: layers found by any of their tensors, the bias, K005's count ---------------------
+
+
+@pytest.mark.parametrize("drop, extra, missing", [
+    (["q_weight"], {}, ["q_weight"]),
+    (["q_weight", "q_scale_max", "q_groups", "q_invperm"], {}, ["q_weight", "q_scale_max", "q_groups", "q_invperm"]),
+    ([], {"model.layers.0.mlp.lone.q_scale": torch.zeros(1, 8, dtype=torch.int32)}, []),
+])
+def test_a_layer_without_q_weight_is_still_a_layer(tmp_path, drop, extra, missing):
+    t = llama_tensors()
+    for name in drop:
+        del t[f"{KEY}.{name}"]
+    t.update(extra)
+    for deep in (False, True):
+        r = validate_path(write(tmp_path / f"m{deep}", t), deep=deep)
+        t001 = {f.tensor for f in r.findings if f.code == "EXL2-T001"}
+        if extra:
+            lone = "model.layers.0.mlp.lone"
+            assert t001 == {f"{lone}.{n}" for n in ("q_weight", "q_scale_max", "q_groups", "q_invperm")}
+        else:
+            assert t001 == {f"{KEY}.{n}" for n in missing}
+        assert not r.ok and all(f.file for f in r.findings if f.code == "EXL2-T001")
+
+
+def test_a_nan_bias_is_an_error_without_deep(tmp_path):
+    t = llama_tensors()
+    t[KEY + ".bias"] = torch.zeros(64, dtype=torch.float16)
+    assert validate_path(write(tmp_path / "ok", t)).ok  # a zero bias of N' entries is fine
+    t[KEY + ".bias"][7] = float("nan")
+    r = validate_path(write(tmp_path / "nan", t))
+    assert [(f.code, f.tensor) for f in r.findings if f.severity == "error"] == [("EXL2-T007", KEY + ".bias")]
+
+
+def test_k005_average_is_weighted_by_size_and_counts_layers_with_errors(tmp_path):
+    t = llama_tensors()
+    keys = [f"model.layers.0.{name}" for name in LINEARS]
+    # stored bits over weights, all decoder layers (lm_head excluded), counted from the layers' tensors
+    stored = sum(8 * t[f"{k}.{n}"].numel() * t[f"{k}.{n}"].element_size()
+                 for k in keys for n in ("q_weight", "q_scale", "q_scale_max", "q_groups", "q_invperm"))
+    weights = sum(k * n for k, n in LINEARS.values())
+    t[KEY + ".q_invperm"][0] = t[KEY + ".q_invperm"][1]  # P001: the layer has an error, its size is known
+    r = validate_path(write(tmp_path / "m", t))
+    assert {f.code for f in r.findings if f.severity == "error"} == {"EXL2-P001"}
+    assert r.summary.bpw == pytest.approx(stored / weights, rel=1e-12)
+    # a layer whose size the headers do not give is left out, and the finding says so
+    del t[KEY + ".q_invperm"]
+    cfg = json.loads(json.dumps(CONFIG))
+    cfg["quantization_config"]["bits"] = 2.0
+    r = validate_path(write(tmp_path / "n", t, cfg))
+    (k005,) = [f for f in r.findings if f.code == "EXL2-K005"]
+    assert "weighted by layer size" in k005.message and "1 layer(s)" in k005.message
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -1.0])
+@pytest.mark.parametrize("verb", ["inspect", "dequantize"])
+def test_readers_refuse_a_bad_scale_max_with_exit_1(tmp_path, value, verb):
+    from typer.testing import CliRunner
+
+    from exl2.cli import app
+
+    t = llama_tensors()
+    t[KEY + ".q_scale_max"][1] = value
+    folder = write(tmp_path / "m", t)
+    out = tmp_path / "w.safetensors"
+    args = [verb, str(folder)] + (["-o", str(out)] if verb == "dequantize" else [])
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 1, r.output
+    line = r.stderr.strip()
+    assert "\n" not in line and "EXL2-S001" in line and KEY + ".q_scale_max" in line and "output.safetensors" in line
+    assert not out.exists() and list(tmp_path.iterdir()) == [folder]
