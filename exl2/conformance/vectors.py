@@ -11,7 +11,9 @@ timestamps, ``y`` is an exactly rounded sum):
                                      x         float16 [M, K]   activations
                                      y         float32 [M, N]   x @ expected[:, :N] + bias (within the bound)
     negative/NAME.safetensors        a layer breaking one rule; the manifest names its finding code
-    negative/folder-CODE/            a model folder breaking one container, config or decode rule
+    negative/folder-CODE[-VARIANT]/  a model folder breaking one rule of the container, the config,
+                                     the layers' padded columns (out_features from config.json), or
+                                     the decode
 
 Every negative is checked at export time: exl2's validator must report its code.
 """
@@ -161,7 +163,7 @@ def write_positive(path: Path, v: Positive) -> dict:
 
 def reported_codes(tensors: dict[str, torch.Tensor], code: str) -> list[str]:
     """The codes exl2's validator reports for a negative layer: its errors, plus ``code`` itself
-    when that is a warning (EXL2-S004)."""
+    should it be a warning."""
     from .rules import check_layer
 
     return sorted({f.code for f in check_layer(tensors, PREFIX) if f.severity == "error" or f.code == code})
@@ -343,15 +345,18 @@ Format: spec/exl2.md of the exl2 project; how to use these files: its docs/porti
   negatives `code` (the finding a validator must report) and `reported` (every code exl2 reports).
 - `positive/*.safetensors`: a valid EXL2 layer under the prefix `layer` (`layer.q_weight` int32,
   `layer.q_scale` int32, `layer.q_scale_max` float16, `layer.q_groups` int16, `layer.q_invperm` int32,
-  optional `layer.bias` float16 and `layer.q_perm` int32), plus
+  optional `layer.bias` float16 (all out_features_padded entries, the padded ones 0) and
+  `layer.q_perm` int32), plus
   - `expected` float16 `[in_features, out_features_padded]`: the dequantized matrix. Compare bit for bit.
-  - `x` float16 `[m, in_features]` and `y` float32 `[m, out_features]`: `y = x @ expected[:, :out_features] + bias`,
+  - `x` float16 `[m, in_features]` and `y` float32 `[m, out_features]`:
+    `y = x @ expected[:, :out_features] + bias[:out_features]`,
     each element the exact sum rounded to float64 then to float32. Compare within the bound.
 - `negative/*.safetensors`: a layer (prefix `layer`) that breaks one rule. A decoder must refuse
   it; a validator must report `code`.
 - `negative/folder-*/`: a model folder (safetensors shards, config.json) breaking one rule of the
-  container, the config, or the decode (`EXL2-D001`: decoded weights overflow; `EXL2-S002` is an
-  information about a legal file). A validator must report `code`.
+  container, the config, a layer's padded columns (which only config.json makes known), or the
+  decode (`EXL2-D001`: decoded weights overflow; `EXL2-S002` is an information about a legal
+  file). A validator must report `code`.
 
 All tensors are little-endian; safetensors is an 8-byte little-endian header length, a JSON
 header (name -> dtype, shape, data_offsets) and the raw bytes.
