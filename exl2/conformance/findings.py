@@ -104,11 +104,12 @@ CATALOGUE: dict[str, CodeInfo] = _entries(
      "config or the weights belong to another model."),
     ("EXL2-K005", "warning", "achieved bits per weight far from quantization_config.bits", "7.5",
      "The stored bits per weight of the quantized layers differ from quantization_config.bits by more than "
-     "0.3. The average is weighted by layer size (all stored bits over all weights, as exllamav2's optimizer "
-     "budgets bits), lm_head excluded as exllamav2's target excludes it, and counts every layer whose "
-     "q_weight and q_invperm headers give its size, whatever rules it breaks (the message says how many "
-     "layers could not be counted). With check_layer(bits_target=...), one layer differs from the given "
-     "target by more than 0.3. The config does not describe these weights."),
+     "0.3. The average is weighted by layer size: all stored bits over all in_features x padded out_features, "
+     "the quantity exllamav2's optimizer budgets against bits; lm_head excluded, as exllamav2's target "
+     "excludes it. It counts every layer whose q_weight and q_invperm headers give its size, whatever rules "
+     "it breaks (the message says how many layers could not be counted). With check_layer(bits_target=...), "
+     "one layer's bits per weight (over in_features x out_features) differ from the given target by more "
+     "than 0.3. The config does not describe these weights."),
     ("EXL2-K006", "warning", "rope parameters exllamav2 would misread", "2.1",
      "config.json gives rope_parameters (as transformers 5 writes it) whose rope_theta or rope_type exllamav2 "
      "does not see: it reads only rope_theta (default 10000) and rope_scaling, so it would run the model with "

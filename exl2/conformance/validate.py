@@ -157,16 +157,17 @@ def validate_path(path: str | Path, *, deep: bool = False, progress: bool | Prog
 
 
 class _BitCount:
-    """Stored bits and weights of the quantized layers, lm_head excluded (spec 7.5), from the
-    headers alone, so that a layer counts whatever rules it breaks; ``unsized``: layers whose
-    headers do not give in_features and out_features."""
+    """Stored bits and weights (in_features x padded out_features) of the quantized layers,
+    lm_head excluded: their quotient is the average exllamav2's optimizer budgets against
+    ``bits`` (spec 7.5). From the headers alone, so that a layer counts whatever rules it breaks;
+    ``unsized``: layers whose headers do not give their size."""
 
     def __init__(self) -> None:
         self.stored = 0
         self.weights = 0
         self.unsized = 0
 
-    def add(self, model: Model, key: str, out_features: int | None) -> None:
+    def add(self, model: Model, key: str) -> None:
         if key == "lm_head":
             return
         qw, inv = model.tensors.get(key + ".q_weight"), model.tensors.get(key + ".q_invperm")
@@ -175,7 +176,7 @@ class _BitCount:
             return
         names = [key + "." + n for n in (*LAYER_TENSORS, "bias")]
         self.stored += sum(8 * _element_size(i.dtype) * math.prod(i.shape) for i in map(model.tensors.get, names) if i)
-        self.weights += inv.shape[0] * (out_features or qw.shape[1])
+        self.weights += inv.shape[0] * qw.shape[1]
 
 
 def _element_size(dtype: str) -> int:
@@ -207,7 +208,7 @@ def _check_one_layer(model: Model, key: str, file: str, dims, deep: bool, layers
         if qw is not None and inv is not None and len(qw.shape) == 2 and len(inv.shape) == 1:
             shape_findings, out_features = check_layer_shape(dims, key, inv.shape[0], qw.shape[1], file)
             findings += shape_findings
-    bits.add(model, key, out_features)
+    bits.add(model, key)
     tensors = {}
     for name in model.layer_tensor_names(key):
         try:
