@@ -70,8 +70,9 @@ class _LayerCheck:
         n = self.out_features or layer["q_weight"].shape[1]
         bpw = bits / (layer["q_invperm"].numel() * n)
         if abs(bpw - self.bits_target) > BPW_TOLERANCE:
-            self.add(Violation("EXL2-K005", "q_weight", f"stores {bpw:.3f} bits per weight, target "
-                                                       f"{self.bits_target} (tolerance {BPW_TOLERANCE})"))
+            self.findings.append(finding("EXL2-K005", file=self.file, tensor=f"{self.prefix}.q_weight",
+                                         message=f"stores {bpw:.3f} bits per weight, target {self.bits_target} "
+                                                 f"(tolerance {BPW_TOLERANCE})"))
 
 
 __all__ = ["BPW_TOLERANCE", "check_layer", "check_qmatrix", "errors_of"]
