@@ -15,7 +15,7 @@ the bits-per-weight target, decoding every value) are the validator's.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Generator, Mapping
+from collections.abc import Callable, Generator, Iterable, Mapping
 from dataclasses import dataclass
 from typing import NamedTuple, TypeVar
 
@@ -32,6 +32,9 @@ LAYER_TENSORS: dict[str, torch.dtype] = {
     "q_invperm": torch.int32,
 }
 OPTIONAL_TENSORS: dict[str, torch.dtype] = {"q_perm": torch.int32, "bias": torch.float16}
+
+#: Names only a quantized layer has (spec 3.1): any of them makes ``KEY`` a layer (``bias`` does not).
+OWN_NAMES = frozenset((*LAYER_TENSORS, "q_perm"))
 
 #: Rank of each tensor (spec 3.1).
 RANKS: dict[str, int] = {"q_weight": 2, "q_scale": 2, "q_scale_max": 1, "q_groups": 1, "q_invperm": 1,
@@ -93,9 +96,17 @@ def run(rules: Rules[T], report: Callable[[Violation], None]) -> T:
             return done.value
 
 
-def first_error(rules: Rules) -> Violation | None:
-    """The first violation of severity ``error``, or None (the rules after it are not run)."""
-    return next((v for v in rules if v.is_error), None)
+def layer_keys(names: Iterable[str]) -> list[str]:
+    """Every ``KEY`` of a quantized layer among tensor ``names``, in order of first appearance: any
+    ``KEY`` with one of ``KEY.q_weight``, ``q_scale``, ``q_scale_max``, ``q_groups``, ``q_invperm``,
+    ``q_perm``. A layer that lost its q_weight is still a layer, with that tensor missing
+    (exllamav2, which looks for ``KEY.q_weight`` alone, would find no weights for it)."""
+    keys: dict[str, None] = {}
+    for name in names:
+        key, _, last = name.rpartition(".")
+        if key and last in OWN_NAMES:
+            keys.setdefault(key)
+    return list(keys)
 
 
 # -- the table ---------------------------------------------------------------------------------
@@ -308,5 +319,5 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-__all__ = ["Group", "LAYER_TENSORS", "OPTIONAL_TENSORS", "SEVERITY", "Violation", "first_error", "group_table",
-           "layer_rules", "run"]
+__all__ = ["Group", "LAYER_TENSORS", "OPTIONAL_TENSORS", "OWN_NAMES", "SEVERITY", "Violation", "group_table",
+           "layer_keys", "layer_rules", "run"]

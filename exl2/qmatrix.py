@@ -17,8 +17,8 @@ import torch
 
 from .errors import FormatError
 from .format import COLUMN_PAD, WIDTHS
-from .layer_rules import (LAYER_TENSORS, OPTIONAL_TENSORS, Group, Violation, first_error, group_table, layer_rules,
-                          required_tensors, run, stored_q_perm)
+from .layer_rules import (LAYER_TENSORS, OPTIONAL_TENSORS, Group, Violation, group_table, layer_rules, required_tensors,
+                          run, stored_q_perm)
 
 
 def _refuse(v: Violation) -> None:
@@ -171,4 +171,4 @@ class QMatrix:
         return dataclasses.replace(self, **moved, bias=None if self.bias is None else self.bias.to(device))
 
 
-__all__ = ["Group", "GroupTable", "LAYER_TENSORS", "OPTIONAL_TENSORS", "QMatrix", "first_error"]
+__all__ = ["Group", "GroupTable", "LAYER_TENSORS", "OPTIONAL_TENSORS", "QMatrix"]

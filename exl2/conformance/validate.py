@@ -16,7 +16,7 @@ from pydantic import BaseModel
 
 from ..errors import ContainerError, Exl2Error
 from ..io import DTYPES, Model, config_path, shard_files
-from ..layer_rules import LAYER_TENSORS
+from ..layer_rules import LAYER_TENSORS, layer_keys
 from ..qmatrix import QMatrix
 from ..reference import dequantize
 from .config import check_float_shape, check_layer_shape, check_quantization_config, check_rope, llama_dims
@@ -126,7 +126,7 @@ def validate_path(path: str | Path, *, deep: bool = False, progress: bool | Prog
         findings += check_rope(config, str(config_path(path)))
     layers: list[LayerStats] = []
     bits = _BitCount()
-    keys = layer_keys(model)
+    keys = layer_keys(model.tensors)
     for key in (progress(keys, len(keys), "validate") if progress else keys):
         file = str(model.tensors[model.layer_tensor_names(key)[0]].file)
         try:
@@ -181,19 +181,6 @@ class _BitCount:
 
 def _element_size(dtype: str) -> int:
     return torch.empty((), dtype=DTYPES[dtype]).element_size() if dtype in DTYPES else 0
-
-
-def layer_keys(model: Model) -> list[str]:
-    """Every ``KEY`` that has one of a quantized layer's own tensors (spec 3.1: q_weight, q_scale,
-    q_scale_max, q_groups, q_invperm, q_perm), in file order; a layer that lacks its q_weight is
-    still a layer, with that tensor missing."""
-    names = {*LAYER_TENSORS, "q_perm"}
-    keys: dict[str, None] = {}
-    for name in model.tensors:
-        key, _, last = name.rpartition(".")
-        if key and last in names:
-            keys.setdefault(key)
-    return list(keys)
 
 
 def _check_one_layer(model: Model, key: str, file: str, dims, deep: bool, layers: list[LayerStats],
