@@ -167,9 +167,9 @@ CATALOGUE: dict[str, CodeInfo] = _entries(
      "A q_scale_max entry is NaN, infinite or negative (zero is legal: the converter writes it for a group "
      "whose maximum underflows in float16, e.g. all-zero rows; so is -0, which is not below zero)."),
     ("EXL2-S002", "info", "q_scale_max / 256 is a float16 subnormal", "6.1",
-     "A q_scale_max entry divided by 256 rounds to a float16 subnormal (0 < q_scale_max <= 0x23FE, just "
-     "below 2^-6), so exllamav2's group maximum loses bits. Legal and common for 8-bit groups; decoders "
-     "must not flush it to zero."),
+     "A q_scale_max entry divided by 256 rounds to a non-zero float16 subnormal (2^-17 < q_scale_max <= "
+     "0x23FE, just below 2^-6; at or below 2^-17 it rounds to 0), so exllamav2's group maximum loses bits. "
+     "Legal and common for 8-bit groups; decoders must not flush it to zero."),
     ("EXL2-S003", "error", "padded column does not decode to zero", "3.2",
      "A padded column (beyond out_features, known from config.json) holds codes other than "
      "its group's zero point 2^(b-1), so it decodes to non-zero values."),
