@@ -35,11 +35,11 @@ def rtn_baseline() -> dict:
     for prefix, block in src.blocks:
         for _, m in arch.linears(block, prefix).items():
             qm = quantize(m.weight.detach(), QParams(128, [4], [1.0]), bias=m.bias)
-            bits += qm.storage_bits() - (16 * m.out_features if m.bias is not None else 0)
+            bits += qm.storage_bits() - (16 * qm.bias.numel() if qm.bias is not None else 0)
             numel += m.weight.numel()
             with torch.no_grad():
                 m.weight.copy_(dequantize(qm)[:, : m.out_features].T.float())
-                m.bias.copy_(qm.bias.float())
+                m.bias.copy_(qm.output_bias.float())
     q = sentence_embeddings(src.model, src.tokenizer, sentences)
     cos = (base * q).sum(-1)
     return {"bpw": bits / numel, "cosine_mean": float(cos.mean()), "cosine_min": float(cos.min())}

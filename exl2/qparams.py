@@ -107,7 +107,7 @@ class QParams:
 
     def total_bits(self, in_features: int, out_features: int, bias: bool = False) -> int:
         """Exact bits of the tensors of a layer quantized with these parameters, padding included:
-        q_weight, q_scale, q_scale_max, q_groups, q_invperm and the float16 bias."""
+        q_weight, q_scale, q_scale_max, q_groups, q_invperm and the float16 bias (padded too, spec 3.3)."""
         from .format import padded_columns
 
         cols = padded_columns(out_features)
@@ -115,7 +115,7 @@ class QParams:
         weight_bits = sum(n * b for b, _, n in plan.groups) * cols
         g = plan.count
         return (weight_bits + g * cols * self.scale_bits + g * 16 + g * 32 + in_features * 32
-                + (16 * out_features if bias else 0))
+                + (16 * cols if bias else 0))
 
     def bpw(self, in_features: int, out_features: int, bias: bool = False) -> float:
         """Bits per weight: :meth:`total_bits` over ``in_features * out_features``."""

@@ -4,13 +4,15 @@ the structural checks of QMatrix / GroupTable (FormatError naming the tensor).""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 
 from exl2 import FormatError, QMatrix
 from exl2.qmatrix import GroupTable
-from exl2.reference import dequantize, matmul
+from exl2.reference import dequantize, matmul, pack
 from exl2.reference.bounds import matmul_tolerance, matmul_within_bound
 
 
@@ -149,7 +151,7 @@ def test_padded_columns_decode_to_zero():
                  q_scale_max=torch.tensor([3.0], dtype=torch.float16),
                  q_groups=torch.tensor([4, 0], dtype=torch.int16),
                  q_invperm=torch.arange(32, dtype=torch.int32),
-                 bias=torch.zeros(40, dtype=torch.float16))
+                 bias=torch.zeros(64, dtype=torch.float16), out_features=40)
     b = dequantize(qm)
     assert qm.out_features == 40 and b.shape == (32, 64)
     assert (as_bits(b)[:, 40:] == 0).all()
@@ -162,7 +164,7 @@ def test_padded_columns_decode_to_zero():
 def test_matmul_is_x_times_b_plus_bias(dtype):
     qm = hand_layer([(7 * j) % 48 for j in range(48)])  # 7 is prime to 48: a permutation
     g = torch.Generator().manual_seed(0)
-    qm.bias = torch.randn(32, generator=g).to(torch.float16)
+    qm = dataclasses.replace(qm, bias=torch.randn(32, generator=g).to(torch.float16))
     x = (torch.randn(3, 5, 48, generator=g) * 0.1).to(dtype)
     y = matmul(x, qm)
     assert y.shape == (3, 5, 32) and y.dtype == dtype
@@ -179,7 +181,11 @@ def test_matmul_is_x_times_b_plus_bias(dtype):
 
 def test_matmul_drops_padded_columns_and_checks_width():
     qm = hand_layer(list(range(48)))
-    qm.out_features = 20
+    with pytest.raises(FormatError, match="EXL2-S003"):  # its columns 20.. are not the zero point
+        dataclasses.replace(qm, out_features=20)
+    qm = pack(torch.full((48, 20), 3), [(4, 0, 32), (2, 32, 16)], torch.full((2, 20), 16), torch.ones(2),
+              torch.arange(48), 20, bias=torch.ones(20))
+    assert qm.bias.shape == (32,) and qm.output_bias.shape == (20,)
     assert matmul(torch.ones(2, 48), qm).shape == (2, 20)
     with pytest.raises(ValueError):
         matmul(torch.ones(2, 47), qm)
@@ -198,13 +204,13 @@ def valid_tensors() -> dict[str, torch.Tensor]:
         "layer.q_scale_max": torch.tensor([0.1, 0.2], dtype=torch.float16),
         "layer.q_groups": torch.tensor([4, 0, 3, 8], dtype=torch.int16),
         "layer.q_invperm": torch.randperm(96, generator=g).to(torch.int32),
-        "layer.bias": torch.zeros(40, dtype=torch.float16),
+        "layer.bias": torch.zeros(64, dtype=torch.float16),
     }
 
 
 def test_valid_tensors_are_accepted():
-    qm = QMatrix.from_tensors(valid_tensors(), "layer")
-    assert (qm.in_features, qm.out_features, qm.out_features_padded) == (96, 40, 64)
+    qm = QMatrix.from_tensors(valid_tensors(), "layer")  # out_features unknown: the padded width
+    assert (qm.in_features, qm.out_features, qm.out_features_padded) == (96, 64, 64)
     assert [(g.bits, g.row, g.rows, g.qrow, g.qrows) for g in qm.groups] == [(4, 0, 64, 0, 8), (3, 64, 32, 8, 3)]
 
 
@@ -219,7 +225,7 @@ MALFORMED = {
                             "layer.q_scale_max"),
     "q_weight int64": (lambda t: t.__setitem__("layer.q_weight", t["layer.q_weight"].long()), "layer.q_weight"),
     "q_groups int32": (put("layer.q_groups", torch.tensor([4, 0, 3, 8], dtype=torch.int32)), "layer.q_groups"),
-    "bias float32": (put("layer.bias", torch.zeros(40)), "layer.bias"),
+    "bias float32": (put("layer.bias", torch.zeros(64)), "layer.bias"),
     "widths increase": (put("layer.q_groups", torch.tensor([3, 0, 4, 3], dtype=torch.int16)), "layer.q_groups"),
     "width 7": (put("layer.q_groups", torch.tensor([7, 0, 3, 8], dtype=torch.int16)), "layer.q_groups"),
     "offset past q_weight": (put("layer.q_groups", torch.tensor([4, 0, 3, 11], dtype=torch.int16)), "layer.q_groups"),

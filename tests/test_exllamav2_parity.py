@@ -101,9 +101,12 @@ def raw_layers(draw) -> RawLayer:
 
 
 def pack_by_exllamav2(layer: RawLayer) -> dict[str, np.ndarray]:
+    # exllamav2's loader takes only a bias of N' entries (make_q_matrix; spec 3.3), so the bias a
+    # loadable file holds is the layer's, padded with zeros to N'
+    pad = -layer.qweight.shape[1] % 32
     return ex.adaptive_gptq_pack(KEY, layer.qweight.copy(), layer.qscale.copy(), layer.qscale_max.copy(),
                                  layer.qgroups.copy(), layer.group_size, layer.invperm,
-                                 None if layer.bias is None else layer.bias.copy())
+                                 None if layer.bias is None else np.pad(layer.bias, (0, pad)))
 
 
 def pack_by_reference(layer: RawLayer) -> QMatrix:

@@ -36,7 +36,7 @@ def exact_product(x: torch.Tensor, qm):
     """The reference's decoded matrix and ``x @ B + bias`` in float64 (spec 6.5)."""
     b = reference.dequantize(qm)
     y = x.double() @ b[:, : qm.out_features].double()
-    return b, (y + qm.bias.double() if qm.bias is not None else y)
+    return b, (y + qm.output_bias.double() if qm.bias is not None else y)
 
 @settings(max_examples=15)
 @given(qm=qmatrices(**SMALL))

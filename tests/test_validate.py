@@ -169,7 +169,7 @@ def padded_codes(t):
 
 def padded_nibbles(t):
     s = t["lm_head.q_scale"]
-    s[:, 15] = 0  # columns 120..127: nibbles 0
+    s[:, 15] = 0x55555555  # columns 120..127: nibbles 5 (exllamav2 writes 0x0 or 0xF)
     t["lm_head.q_scale"] = s
 
 
@@ -219,12 +219,17 @@ TRIGGERS = {
     "EXL2-K003": (config_edit(lambda c: c["quantization_config"].update(quant_method="gptq")), None),
     "EXL2-K004": (config_edit(lambda c: c.update(intermediate_size=128)), KEY + ".q_weight"),
     "EXL2-K005": (config_edit(lambda c: c["quantization_config"].update(bits=8.0)), None),
+    "EXL2-K006": (config_edit(lambda c: c.update(rope_parameters={"rope_type": "default", "rope_theta": 5e5})), None),
     "EXL2-T001": (mutate_layer(lambda t: t.pop(KEY + ".q_scale")), KEY + ".q_scale"),
     "EXL2-T002": (mutate_layer(set_("q_scale_max", lambda x: x.float())), KEY + ".q_scale_max"),
     "EXL2-T003": (mutate_layer(set_("q_scale", lambda x: x[:1])), KEY + ".q_scale"),
     "EXL2-T004": (mutate_layer(lambda t: (set_("q_weight", lambda x: x[:, :40].clone())(t),
                                           set_("q_scale", lambda x: x[:, :5].clone())(t)), config=None), KEY + ".q_weight"),
     "EXL2-T005": (mutate_layer(lambda t: t.__setitem__(KEY + ".bias", torch.zeros(10, dtype=torch.float16))),
+                  KEY + ".bias"),
+    "EXL2-T006": (mutate_layer(lambda t: t.__setitem__(KEY + ".bias", torch.zeros(40, dtype=torch.float16))),
+                  KEY + ".bias"),
+    "EXL2-T007": (mutate_layer(lambda t: t.__setitem__(KEY + ".bias", torch.full((64,), float("nan")).half())),
                   KEY + ".bias"),
     "EXL2-G001": (mutate_layer(set_("q_groups", lambda x: x.index_fill(0, torch.tensor([0]), 7))), KEY + ".q_groups"),
     "EXL2-G002": (mutate_layer(set_("q_groups", lambda x: torch.cat([x[2:], x[:2]]).index_fill(
@@ -401,7 +406,7 @@ def expected_bpw(qm) -> float:
     """Stored bits per weight by spec 7.5, from the group table (not from tensor sizes)."""
     q = sum(g.rows * g.bits // 32 for g in qm.groups)
     g, n_pad, k, n = len(qm.groups), qm.out_features_padded, qm.in_features, qm.out_features
-    bits = 32 * q * n_pad + 4 * g * n_pad + 16 * g + 32 * g + 32 * k + (16 * n if qm.bias is not None else 0)
+    bits = 32 * q * n_pad + 4 * g * n_pad + 16 * g + 32 * g + 32 * k + (16 * n_pad if qm.bias is not None else 0)
     return bits / (k * n)
 
 
@@ -425,10 +430,12 @@ def test_deep_statistics_by_hand(tmp_path):
         qm = pack(torch.full((64, 40), (1 << (bits - 1)) + 1), [(bits, 0, 64)], torch.full((1, 40), 16),
                   torch.tensor([1.0]), torch.arange(64), 40)
         t = qm.to_tensors("L")
-        save_tensors(tmp_path / "nobias.safetensors", t)  # N unknown: all 64 columns count
-        save_tensors(tmp_path / "bias.safetensors", t | {"L.bias": torch.zeros(40, dtype=torch.float16)})
-        (s,) = validate_path(tmp_path / "bias.safetensors", deep=True).layers
+        # N known from config.json (lm_head: vocab_size): the statistics cover the 40 real columns
+        folder = tmp_path / f"head-{bits}"
+        write(folder, qm.to_tensors("lm_head"), {"hidden_size": 64, "num_attention_heads": 1, "vocab_size": 40})
+        (s,) = validate_path(folder, deep=True).layers
         assert (s.min, s.max, s.mean, s.std, s.nonfinite, s.out_features) == (1.0, 1.0, 1.0, 0.0, 0, 40)
+        save_tensors(tmp_path / "nobias.safetensors", t)  # N unknown: all 64 columns count
         r = validate_path(tmp_path / "nobias.safetensors", deep=True)
         assert r.ok, r.findings
         (s,) = r.layers
@@ -475,3 +482,75 @@ def test_shard_set_must_be_complete(tmp_path, names, expected):
     assert len(hits) == len(expected), [(f.file, f.message) for f in hits]
     for f, what in zip(hits, expected):
         assert what in f.file + " " + f.message
+
+
+# -- gaps closed: layers found by any of their tensors, the bias, K005's count ---------------------
+
+
+@pytest.mark.parametrize("drop, extra, missing", [
+    (["q_weight"], {}, ["q_weight"]),
+    (["q_weight", "q_scale_max", "q_groups", "q_invperm"], {}, ["q_weight", "q_scale_max", "q_groups", "q_invperm"]),
+    ([], {"model.layers.0.mlp.lone.q_scale": torch.zeros(1, 8, dtype=torch.int32)}, []),
+])
+def test_a_layer_without_q_weight_is_still_a_layer(tmp_path, drop, extra, missing):
+    t = llama_tensors()
+    for name in drop:
+        del t[f"{KEY}.{name}"]
+    t.update(extra)
+    for deep in (False, True):
+        r = validate_path(write(tmp_path / f"m{deep}", t), deep=deep)
+        t001 = {f.tensor for f in r.findings if f.code == "EXL2-T001"}
+        if extra:
+            lone = "model.layers.0.mlp.lone"
+            assert t001 == {f"{lone}.{n}" for n in ("q_weight", "q_scale_max", "q_groups", "q_invperm")}
+        else:
+            assert t001 == {f"{KEY}.{n}" for n in missing}
+        assert not r.ok and all(f.file for f in r.findings if f.code == "EXL2-T001")
+
+
+def test_a_nan_bias_is_an_error_without_deep(tmp_path):
+    t = llama_tensors()
+    t[KEY + ".bias"] = torch.zeros(64, dtype=torch.float16)
+    assert validate_path(write(tmp_path / "ok", t)).ok  # a zero bias of N' entries is fine
+    t[KEY + ".bias"][7] = float("nan")
+    r = validate_path(write(tmp_path / "nan", t))
+    assert [(f.code, f.tensor) for f in r.findings if f.severity == "error"] == [("EXL2-T007", KEY + ".bias")]
+
+
+def test_k005_average_is_weighted_by_size_and_counts_layers_with_errors(tmp_path):
+    t = llama_tensors()
+    keys = [f"model.layers.0.{name}" for name in LINEARS]
+    # stored bits over weights, all decoder layers (lm_head excluded), counted from the layers' tensors
+    stored = sum(8 * t[f"{k}.{n}"].numel() * t[f"{k}.{n}"].element_size()
+                 for k in keys for n in ("q_weight", "q_scale", "q_scale_max", "q_groups", "q_invperm"))
+    weights = sum(k * n for k, n in LINEARS.values())
+    t[KEY + ".q_invperm"][0] = t[KEY + ".q_invperm"][1]  # P001: the layer has an error, its size is known
+    r = validate_path(write(tmp_path / "m", t))
+    assert {f.code for f in r.findings if f.severity == "error"} == {"EXL2-P001"}
+    assert r.summary.bpw == pytest.approx(stored / weights, rel=1e-12)
+    # a layer whose size the headers do not give is left out, and the finding says so
+    del t[KEY + ".q_invperm"]
+    cfg = json.loads(json.dumps(CONFIG))
+    cfg["quantization_config"]["bits"] = 2.0
+    r = validate_path(write(tmp_path / "n", t, cfg))
+    (k005,) = [f for f in r.findings if f.code == "EXL2-K005"]
+    assert "weighted by layer size" in k005.message and "1 layer(s)" in k005.message
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -1.0])
+@pytest.mark.parametrize("verb", ["inspect", "dequantize"])
+def test_readers_refuse_a_bad_scale_max_with_exit_1(tmp_path, value, verb):
+    from typer.testing import CliRunner
+
+    from exl2.cli import app
+
+    t = llama_tensors()
+    t[KEY + ".q_scale_max"][1] = value
+    folder = write(tmp_path / "m", t)
+    out = tmp_path / "w.safetensors"
+    args = [verb, str(folder)] + (["-o", str(out)] if verb == "dequantize" else [])
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 1, r.output
+    line = r.stderr.strip()
+    assert "\n" not in line and "EXL2-S001" in line and KEY + ".q_scale_max" in line and "output.safetensors" in line
+    assert not out.exists() and list(tmp_path.iterdir()) == [folder]

@@ -92,8 +92,10 @@ CATALOGUE: dict[str, CodeInfo] = _entries(
      "The folder has no config.json, or it has no quantization_config. exllamav2 does not need it, but "
      "its converter always writes it (with -cf); add it to say how the model was quantized."),
     ("EXL2-K003", "error", "quantization_config field invalid", "2.1",
-     "quant_method is not \"exl2\", bits is not a number in (0, 16], head_bits is not one of exllamav2's "
-     "head options 2, 3, 4, 5, 6, 8, or calibration has fields of the wrong type."),
+     "quantization_config is not an object, quant_method is not \"exl2\", bits is not a JSON number in (0, 16] "
+     "(a string or a boolean is not a number), head_bits is not a JSON integer among exllamav2's head options "
+     "2, 3, 4, 5, 6, 8, version or calibration.dataset is not a string, or calibration.rows or length is not a "
+     "positive JSON integer."),
     ("EXL2-K004", "error", "tensor shape disagrees with config.json", "2.1",
      "A llama-family layer (model.layers.N.self_attn.{q,k,v,o}_proj, mlp.{gate,up,down}_proj, lm_head) or "
      "model.embed_tokens.weight / lm_head.weight has another shape than hidden_size, intermediate_size, "
@@ -101,13 +103,23 @@ CATALOGUE: dict[str, CodeInfo] = _entries(
      "in_features is the length of q_invperm and out_features the q_weight columns padded to 32. The "
      "config or the weights belong to another model."),
     ("EXL2-K005", "warning", "achieved bits per weight far from quantization_config.bits", "7.5",
-     "The stored bits per weight of the quantized layers (lm_head excluded, as exllamav2's target excludes "
-     "it) differ from quantization_config.bits by more than 0.3. With check_layer(bits_target=...), one "
-     "layer differs from the given target by more than 0.3. The config does not describe these weights."),
+     "The stored bits per weight of the quantized layers differ from quantization_config.bits by more than "
+     "0.3. The average is weighted by layer size: all stored bits over all in_features x padded out_features, "
+     "the quantity exllamav2's optimizer budgets against bits; lm_head excluded, as exllamav2's target "
+     "excludes it. It counts every layer whose q_weight and q_invperm headers give its size, whatever rules "
+     "it breaks (the message says how many layers could not be counted). With check_layer(bits_target=...), "
+     "one layer's bits per weight (over in_features x out_features) differ from the given target by more "
+     "than 0.3. The config does not describe these weights."),
+    ("EXL2-K006", "warning", "rope parameters exllamav2 would misread", "2.1",
+     "config.json gives rope_parameters (as transformers 5 writes it) whose rope_theta or rope_type exllamav2 "
+     "does not see: it reads only rope_theta (default 10000) and rope_scaling, so it would run the model with "
+     "another rope base or without its scaling, silently. Add rope_theta and rope_scaling as the source "
+     "model's transformers 4 config had them."),
     # tensors of a layer
     ("EXL2-T001", "error", "required layer tensor missing", "3.1",
-     "A layer KEY (any name with a KEY.q_weight) lacks one of q_weight, q_scale, q_scale_max, q_groups, "
-     "q_invperm."),
+     "A layer KEY (any name with one of KEY.q_weight, q_scale, q_scale_max, q_groups, q_invperm, q_perm) lacks "
+     "one of q_weight, q_scale, q_scale_max, q_groups, q_invperm. A layer without its q_weight is still "
+     "reported: exllamav2 finds no weights for it (module.py, load_weight) and leaves the layer unloaded."),
     ("EXL2-T002", "error", "layer tensor has the wrong dtype", "3.1",
      "q_weight, q_scale, q_invperm are not int32, q_scale_max is not float16, or q_groups is not int16."),
     ("EXL2-T003", "error", "layer tensor has the wrong rank or an inconsistent shape", "3.1",
@@ -116,7 +128,14 @@ CATALOGUE: dict[str, CodeInfo] = _entries(
     ("EXL2-T004", "error", "q_weight columns not a positive multiple of 32", "3.2",
      "q_weight has no columns or a column count that is not a multiple of 32 (out_features must be padded)."),
     ("EXL2-T005", "error", "bias has the wrong dtype or length", "3.3",
-     "The bias is not a float16 vector of N entries with N' - 32 < N <= N' (N' = q_weight's columns)."),
+     "The bias is not a float16 vector, or its length L is not an out_features that pads to q_weight's N' "
+     "columns (N' - 32 < L <= N')."),
+    ("EXL2-T006", "error", "bias shorter than q_weight's padded columns", "3.3",
+     "The bias has N entries for N' > N padded columns. exllamav2's loader requires exactly N' "
+     "(make_q_matrix: \"q_weight and bias have incompatible shapes\") and refuses the model. Pad the bias "
+     "with zeros to N'."),
+    ("EXL2-T007", "error", "bias holds NaN or Inf", "3.3",
+     "A bias entry is NaN or infinite, so every output of that column is. The bias is corrupt."),
     # group table
     ("EXL2-G001", "error", "group width not one of 8, 6, 5, 4, 3, 2", "4.2",
      "A q_groups entry has a width outside {8, 6, 5, 4, 3, 2}."),
@@ -135,8 +154,8 @@ CATALOGUE: dict[str, CodeInfo] = _entries(
      "The groups' rows do not add up to in_features (the length of q_invperm), so exllamav2's two ways of "
      "sizing the last group (in_features minus the rows before it; its qrows * 32 / bits) disagree."),
     ("EXL2-G007", "error", "16-bit limit exceeded", "4.5",
-     "More than 32767 groups or q_weight rows, a qrow offset negative as int16, a group of more than "
-     "32767 rows, or in_features outside 1..65536."),
+     "More than 32767 groups, a qrow offset negative as int16, a group of more than 32767 rows, or "
+     "in_features outside 1..65536."),
     # permutation
     ("EXL2-P001", "error", "q_invperm is not a permutation", "6.4",
      "q_invperm is not a permutation of 0..K-1 (an entry out of range or repeated)."),
@@ -146,16 +165,18 @@ CATALOGUE: dict[str, CodeInfo] = _entries(
     # scales and padding
     ("EXL2-S001", "error", "q_scale_max not finite and non-negative", "6.1",
      "A q_scale_max entry is NaN, infinite or negative (zero is legal: the converter writes it for a group "
-     "whose maximum underflows in float16, e.g. all-zero rows)."),
+     "whose maximum underflows in float16, e.g. all-zero rows; so is -0, which is not below zero)."),
     ("EXL2-S002", "info", "q_scale_max / 256 is a float16 subnormal", "6.1",
-     "A q_scale_max entry is below 2^-6, so exllamav2's division by 256 gives a float16 subnormal and "
-     "loses bits. Legal and common for 8-bit groups; decoders must not flush it to zero."),
+     "A q_scale_max entry divided by 256 rounds to a non-zero float16 subnormal (2^-17 < q_scale_max <= "
+     "0x23FE, just below 2^-6; at or below 2^-17 it rounds to 0), so exllamav2's group maximum loses bits. "
+     "Legal and common for 8-bit groups; decoders must not flush it to zero."),
     ("EXL2-S003", "error", "padded column does not decode to zero", "3.2",
-     "A padded column (beyond out_features, known from the bias or config.json) holds codes other than "
+     "A padded column (beyond out_features, known from config.json) holds codes other than "
      "its group's zero point 2^(b-1), so it decodes to non-zero values."),
-    ("EXL2-S004", "warning", "padded column scale nibble is not 0xF", "3.2",
-     "A padded column's 4-bit scale code is not 0xF (exllamav2's packer writes 0xF). Harmless when the "
-     "codes are zero points; decoders must not depend on it."),
+    ("EXL2-S004", "warning", "padded column scale nibble is not 0x0 or 0xF", "3.2",
+     "A padded column's 4-bit scale code is neither 0x0 (what exllamav2's converter writes: it quantizes the "
+     "zero columns it padded the weight with) nor 0xF (what its pack() writes for a layer padded there). "
+     "Harmless when the codes are zero points; decoders must not depend on it."),
     # deep decode
     ("EXL2-D001", "error", "decoded weights hold NaN or Inf", "6.3",
      "With --deep, decoding a layer gives NaN or Inf: (q - 2^(b-1)) * scale overflows float16. The scales "

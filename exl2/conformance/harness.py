@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-from ..errors import ContainerError, FormatError
+from ..errors import ContainerError
 from ..qmatrix import QMatrix
 
 Tensors = Mapping[str, torch.Tensor]
@@ -57,13 +57,9 @@ class Backend:
 
 
 def checked_load(tensors: Tensors, prefix: str) -> QMatrix:
-    """exl2's own strict loader: the validator's rules (errors only), then :class:`QMatrix`.
-    The ``load`` of the ``reference`` and ``fast`` backends."""
-    from .rules import check_layer
-
-    errors = [f for f in check_layer(tensors, prefix) if f.severity == "error"]
-    if errors:
-        raise FormatError(f"{errors[0].code}: {errors[0].message}", tensor=errors[0].tensor)
+    """exl2's own strict loader, :meth:`QMatrix.from_tensors`: it refuses a layer at the first
+    error of the rule table the validator reports from (:mod:`exl2.layer_rules`). The ``load`` of
+    the ``reference`` and ``fast`` backends."""
     return QMatrix.from_tensors(tensors, prefix)
 
 
@@ -181,7 +177,7 @@ def _raises(fn: Callable, *args) -> bool:
 def reference_product(x: torch.Tensor, b: torch.Tensor, qm: QMatrix) -> torch.Tensor:
     """float64 ``x @ b[:, :out_features] + bias`` (the bound's ``y_ref`` for random layers)."""
     y = x.to(torch.float64) @ b[:, : qm.out_features].to(torch.float64)
-    return y + qm.bias.to(torch.float64) if qm.bias is not None else y
+    return y + qm.output_bias.to(torch.float64) if qm.bias is not None else y
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ there is nothing to validate (missing path, no safetensors file)."""
 from __future__ import annotations
 
 import json
+import math
 import re
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -14,10 +15,11 @@ import torch
 from pydantic import BaseModel
 
 from ..errors import ContainerError, Exl2Error
-from ..io import Model, config_path, shard_files
+from ..io import DTYPES, Model, config_path, shard_files
+from ..layer_rules import LAYER_TENSORS, layer_keys
 from ..qmatrix import QMatrix
 from ..reference import dequantize
-from .config import check_float_shape, check_layer_shape, check_quantization_config, llama_dims
+from .config import check_float_shape, check_layer_shape, check_quantization_config, check_rope, llama_dims
 from .container import ContainerCheck, check_file
 from .findings import Finding, finding
 from .rules import BPW_TOLERANCE, check_layer
@@ -120,11 +122,13 @@ def validate_path(path: str | Path, *, deep: bool = False, progress: bool | Prog
         findings.append(finding("EXL2-C009", file=e.file, tensor=e.tensor, message=e.message))
         model = Model(path, files=[])
     dims = llama_dims(config) if config else None
+    if config is not None:
+        findings += check_rope(config, str(config_path(path)))
     layers: list[LayerStats] = []
     bits = _BitCount()
-    keys = model.layer_keys()
+    keys = layer_keys(model.tensors)
     for key in (progress(keys, len(keys), "validate") if progress else keys):
-        file = str(model.tensors[key + ".q_weight"].file)
+        file = str(model.tensors[model.layer_tensor_names(key)[0]].file)
         try:
             findings += _check_one_layer(model, key, file, dims, deep, layers, bits)
         except Exception as e:  # a bug of ours: report it as a finding rather than crash (never expected)
@@ -136,8 +140,10 @@ def validate_path(path: str | Path, *, deep: bool = False, progress: bool | Prog
             findings += check_float_shape(dims, name, info.shape, str(info.file))
     bpw = bits.stored / bits.weights if bits.weights else None
     if bpw is not None and qc is not None and abs(bpw - qc.bits) > BPW_TOLERANCE:
+        excluded = f"; {bits.unsized} layer(s) whose size the headers do not give are not counted" if bits.unsized else ""
         findings.append(finding("EXL2-K005", file=str(config_path(path)),
-                                message=f"layers average {bpw:.3f} bits per weight, quantization_config.bits is {qc.bits}"))
+                                message=f"layers average {bpw:.3f} bits per weight (weighted by layer size), "
+                                        f"quantization_config.bits is {qc.bits}{excluded}"))
 
     seconds = time.perf_counter() - start
     nbytes = sum(checks[f].size for f in files)
@@ -151,25 +157,45 @@ def validate_path(path: str | Path, *, deep: bool = False, progress: bool | Prog
 
 
 class _BitCount:
-    """Stored bits and weights of the quantized layers, lm_head excluded (spec 7.5)."""
+    """Stored bits and weights (in_features x padded out_features) of the quantized layers,
+    lm_head excluded: their quotient is the average exllamav2's optimizer budgets against
+    ``bits`` (spec 7.5). From the headers alone, so that a layer counts whatever rules it breaks;
+    ``unsized``: layers whose headers do not give their size."""
 
     def __init__(self) -> None:
         self.stored = 0
         self.weights = 0
+        self.unsized = 0
+
+    def add(self, model: Model, key: str) -> None:
+        if key == "lm_head":
+            return
+        qw, inv = model.tensors.get(key + ".q_weight"), model.tensors.get(key + ".q_invperm")
+        if qw is None or inv is None or len(qw.shape) != 2 or len(inv.shape) != 1 or not qw.shape[1] * inv.shape[0]:
+            self.unsized += 1
+            return
+        names = [key + "." + n for n in (*LAYER_TENSORS, "bias")]
+        self.stored += sum(8 * _element_size(i.dtype) * math.prod(i.shape) for i in map(model.tensors.get, names) if i)
+        self.weights += inv.shape[0] * qw.shape[1]
+
+
+def _element_size(dtype: str) -> int:
+    return torch.empty((), dtype=DTYPES[dtype]).element_size() if dtype in DTYPES else 0
 
 
 def _check_one_layer(model: Model, key: str, file: str, dims, deep: bool, layers: list[LayerStats],
                      bits: _BitCount) -> list[Finding]:
     """The findings of one layer: its shape against config.json, every rule of
-    :func:`check_layer`, and with ``deep`` its decoded values. A valid layer adds its statistics to
-    ``layers`` and its bits to ``bits``. Only this layer's tensors are in memory."""
+    :func:`check_layer`, and with ``deep`` its decoded values. Every layer adds its bits to ``bits``
+    (from its headers); a valid layer adds its statistics to ``layers``. Only this layer's tensors are in memory."""
     findings: list[Finding] = []
     out_features = None
     if dims is not None:
-        qw, inv = model.tensors[key + ".q_weight"], model.tensors.get(key + ".q_invperm")
-        if inv is not None and len(qw.shape) == 2 and len(inv.shape) == 1:
+        qw, inv = model.tensors.get(key + ".q_weight"), model.tensors.get(key + ".q_invperm")
+        if qw is not None and inv is not None and len(qw.shape) == 2 and len(inv.shape) == 1:
             shape_findings, out_features = check_layer_shape(dims, key, inv.shape[0], qw.shape[1], file)
             findings += shape_findings
+    bits.add(model, key)
     tensors = {}
     for name in model.layer_tensor_names(key):
         try:
@@ -184,9 +210,6 @@ def _check_one_layer(model: Model, key: str, file: str, dims, deep: bool, layers
         return findings
     qm = QMatrix.from_tensors(tensors, key, out_features=out_features)  # accepts what check_layer accepts
     stats = LayerStats(key=key, in_features=qm.in_features, out_features=qm.out_features, bpw=qm.bits_per_weight)
-    if key != "lm_head":
-        bits.stored += qm.storage_bits()
-        bits.weights += qm.in_features * qm.out_features
     if deep:
         _decode_stats(qm, stats, findings, file, key)
     layers.append(stats)

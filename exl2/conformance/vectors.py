@@ -11,7 +11,9 @@ timestamps, ``y`` is an exactly rounded sum):
                                      x         float16 [M, K]   activations
                                      y         float32 [M, N]   x @ expected[:, :N] + bias (within the bound)
     negative/NAME.safetensors        a layer breaking one rule; the manifest names its finding code
-    negative/folder-CODE/            a model folder breaking one container, config or decode rule
+    negative/folder-CODE[-VARIANT]/  a model folder breaking one rule of the container, the config,
+                                     the layers' padded columns (out_features from config.json), or
+                                     the decode
 
 Every negative is checked at export time: exl2's validator must report its code.
 """
@@ -149,7 +151,7 @@ def write_positive(path: Path, v: Positive) -> dict:
     qm = v.spec.build()
     expected = dequantize(qm)
     x = torch.from_numpy(Stream(1000 + v.spec.seed).float16((v.m, qm.in_features), 10))
-    y = exact_product(x, expected[:, : qm.out_features], qm.bias)
+    y = exact_product(x, expected[:, : qm.out_features], qm.output_bias)
     tensors = v.spec.tensors(PREFIX) | {"expected": expected, "x": x, "y": y}
     save_tensors(path, dict(sorted(tensors.items())))
     return {"name": v.name, "kind": "positive", "description": v.description, "features": sorted(v.features),
@@ -161,7 +163,7 @@ def write_positive(path: Path, v: Positive) -> dict:
 
 def reported_codes(tensors: dict[str, torch.Tensor], code: str) -> list[str]:
     """The codes exl2's validator reports for a negative layer: its errors, plus ``code`` itself
-    when that is a warning (EXL2-S004)."""
+    should it be a warning."""
     from .rules import check_layer
 
     return sorted({f.code for f in check_layer(tensors, PREFIX) if f.severity == "error" or f.code == code})
@@ -219,10 +221,27 @@ def _folder(folder: Path, tensors: dict, cfg: dict | None, name: str = "output.s
     return folder / name
 
 
-def _folder_negative(code: str, folder: Path) -> None:
-    """Write the folder vector for ``code``: a valid one-layer llama with one rule broken."""
+def _folder_negative(code: str, variant: str | None, folder: Path) -> None:
+    """Write the folder vector for ``code`` (and ``variant``, when a code has several): a valid
+    one-layer llama with one rule broken."""
     t, cfg = _llama_folder()
-    if code == "EXL2-C001":
+    qc = cfg["quantization_config"]
+    if (code, variant) in _CONFIG_EDITS:
+        _CONFIG_EDITS[code, variant](cfg, qc)
+        _folder(folder, t, cfg)
+    elif code == "EXL2-T001":  # a layer found by its other tensors (spec 3.1)
+        if variant == "no-q-weight":
+            del t[_KEY + ".q_weight"]
+        else:
+            t["model.layers.0.mlp.extra.q_scale"] = t[_KEY + ".q_scale"].clone()
+        _folder(folder, t, cfg)
+    elif code in ("EXL2-S003", "EXL2-S004"):  # lm_head: 100 columns of 128, known from vocab_size
+        if code == "EXL2-S003":
+            t["lm_head.q_weight"] = t["lm_head.q_weight"].clone().index_fill_(1, torch.arange(100, 128), 0)
+        else:
+            t["lm_head.q_scale"] = t["lm_head.q_scale"].clone().index_fill_(1, torch.tensor([15]), 0x55555555)
+        _folder(folder, t, cfg)
+    elif code == "EXL2-C001":
         _folder(folder, t, cfg).write_bytes(b"\x10\x00\x00")
     elif code in ("EXL2-C002", "EXL2-C003", "EXL2-C004", "EXL2-C005"):
         f = _folder(folder, t, cfg)
@@ -253,18 +272,6 @@ def _folder_negative(code: str, folder: Path) -> None:
     elif code == "EXL2-K001":
         _folder(folder, t, None)
         (folder / "config.json").write_text("{\"hidden_size\": 64,")
-    elif code == "EXL2-K002":
-        cfg.pop("quantization_config")
-        _folder(folder, t, cfg)
-    elif code == "EXL2-K003":
-        cfg["quantization_config"]["quant_method"] = "gptq"
-        _folder(folder, t, cfg)
-    elif code == "EXL2-K004":
-        cfg["intermediate_size"] = 128
-        _folder(folder, t, cfg)
-    elif code == "EXL2-K005":
-        cfg["quantization_config"]["bits"] = 2.5
-        _folder(folder, t, cfg)
     elif code == "EXL2-S002":
         t[_KEY + ".q_scale_max"] = torch.full_like(t[_KEY + ".q_scale_max"], 2.0**-10)
         _folder(folder, t, cfg)
@@ -281,17 +288,40 @@ def _folder_negative(code: str, folder: Path) -> None:
         raise KeyError(code)
 
 
-#: Codes with a folder vector: those of the container, the config, the information about
-#: subnormal maxima (a legal file) and the deep decode (checked by ``validate --deep``).
-FOLDER_NEGATIVES = ("EXL2-C001", "EXL2-C002", "EXL2-C003", "EXL2-C004", "EXL2-C005", "EXL2-C006", "EXL2-C007",
-                    "EXL2-C008", "EXL2-C010", "EXL2-K001", "EXL2-K002", "EXL2-K003", "EXL2-K004", "EXL2-K005", "EXL2-S002",
-                    "EXL2-D001")
+#: Edits of config.json, by (code, variant): quantization_config ``qc`` inside ``cfg``.
+_CONFIG_EDITS = {
+    ("EXL2-K002", None): lambda cfg, qc: cfg.pop("quantization_config"),
+    ("EXL2-K003", None): lambda cfg, qc: qc.update(quant_method="gptq"),
+    ("EXL2-K003", "bits-string"): lambda cfg, qc: qc.update(bits="5.3"),
+    ("EXL2-K003", "bits-boolean"): lambda cfg, qc: qc.update(bits=True),
+    ("EXL2-K003", "head-bits-float"): lambda cfg, qc: qc.update(head_bits=6.0),
+    ("EXL2-K003", "rows-string"): lambda cfg, qc: qc["calibration"].update(rows="100"),
+    ("EXL2-K003", "not-an-object"): lambda cfg, qc: cfg.update(quantization_config=[qc]),
+    ("EXL2-K004", None): lambda cfg, qc: cfg.update(intermediate_size=128),
+    ("EXL2-K005", None): lambda cfg, qc: qc.update(bits=2.5),
+    ("EXL2-K006", None): lambda cfg, qc: cfg.update(rope_parameters={"rope_type": "default", "rope_theta": 500000.0}),
+}
+
+#: Folder vectors, as (code, variant): the codes of the container and the config, a layer found
+#: without its q_weight, the padded columns (out_features comes from config.json), the
+#: information about subnormal maxima (a legal file) and the deep decode (``validate --deep``).
+FOLDER_NEGATIVES: tuple[tuple[str, str | None], ...] = (
+    *((c, None) for c in ("EXL2-C001", "EXL2-C002", "EXL2-C003", "EXL2-C004", "EXL2-C005", "EXL2-C006", "EXL2-C007",
+                          "EXL2-C008", "EXL2-C010", "EXL2-K001")),
+    *_CONFIG_EDITS,
+    ("EXL2-T001", "no-q-weight"), ("EXL2-T001", "lone-q-scale"), ("EXL2-S002", None), ("EXL2-S003", None),
+    ("EXL2-S004", None), ("EXL2-D001", None),
+)
 
 
-def write_folder_negative(folder: Path, code: str) -> dict:
+def folder_negative_name(code: str, variant: str | None) -> str:
+    return f"folder-{code.lower()}" + (f"-{variant}" if variant else "")
+
+
+def write_folder_negative(folder: Path, code: str, variant: str | None = None) -> dict:
     from .validate import validate_path
 
-    _folder_negative(code, folder)
+    _folder_negative(code, variant, folder)
     reported = sorted({f.code for f in validate_path(folder, deep=True).findings})
     if code not in reported:
         raise AssertionError(f"folder vector for {code} makes the validator report {reported}")
@@ -315,15 +345,18 @@ Format: spec/exl2.md of the exl2 project; how to use these files: its docs/porti
   negatives `code` (the finding a validator must report) and `reported` (every code exl2 reports).
 - `positive/*.safetensors`: a valid EXL2 layer under the prefix `layer` (`layer.q_weight` int32,
   `layer.q_scale` int32, `layer.q_scale_max` float16, `layer.q_groups` int16, `layer.q_invperm` int32,
-  optional `layer.bias` float16 and `layer.q_perm` int32), plus
+  optional `layer.bias` float16 (all out_features_padded entries, the padded ones 0) and
+  `layer.q_perm` int32), plus
   - `expected` float16 `[in_features, out_features_padded]`: the dequantized matrix. Compare bit for bit.
-  - `x` float16 `[m, in_features]` and `y` float32 `[m, out_features]`: `y = x @ expected[:, :out_features] + bias`,
+  - `x` float16 `[m, in_features]` and `y` float32 `[m, out_features]`:
+    `y = x @ expected[:, :out_features] + bias[:out_features]`,
     each element the exact sum rounded to float64 then to float32. Compare within the bound.
 - `negative/*.safetensors`: a layer (prefix `layer`) that breaks one rule. A decoder must refuse
   it; a validator must report `code`.
 - `negative/folder-*/`: a model folder (safetensors shards, config.json) breaking one rule of the
-  container, the config, or the decode (`EXL2-D001`: decoded weights overflow; `EXL2-S002` is an
-  information about a legal file). A validator must report `code`.
+  container, the config, a layer's padded columns (which only config.json makes known), or the
+  decode (`EXL2-D001`: decoded weights overflow; `EXL2-S002` is an information about a legal
+  file). A validator must report `code`.
 
 All tensors are little-endian; safetensors is an 8-byte little-endian header length, a JSON
 header (name -> dtype, shape, data_offsets) and the raw bytes.
@@ -354,9 +387,9 @@ def export(directory: str | Path) -> dict:
         for m in MUTATIONS:
             f = tmp / "negative" / f"{negative_name(m)}.safetensors"
             entries.append(write_negative(f, m) | {"file": f"negative/{f.name}", "sha256": _sha256(f)})
-        for code in FOLDER_NEGATIVES:
-            folder = tmp / "negative" / f"folder-{code.lower()}"
-            entries.append(write_folder_negative(folder, code) | {"file": f"negative/{folder.name}"})
+        for code, variant in FOLDER_NEGATIVES:
+            folder = tmp / "negative" / folder_negative_name(code, variant)
+            entries.append(write_folder_negative(folder, code, variant) | {"file": f"negative/{folder.name}"})
         manifest = {"schema_version": SCHEMA_VERSION, "prefix": PREFIX, "spec": "spec/exl2.md",
                     "comparisons": COMPARISONS, "vectors": entries}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")

@@ -98,7 +98,7 @@ def dequantize_matmul(x2: torch.Tensor, qm: QMatrix) -> torch.Tensor:
     b = dequantize(qm)[:, :qm.out_features]
     y = x2 @ b.to(x2.dtype)  # bfloat16 x: the weights rounded to bfloat16, inside its bound (8.2.1)
     if qm.bias is not None:
-        y = y + qm.bias.to(y.dtype)
+        y = y + qm.output_bias.to(y.dtype)
     return y
 
 

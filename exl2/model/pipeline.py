@@ -191,7 +191,7 @@ def _apply(module: torch.nn.Linear, qm: QMatrix) -> None:
     with torch.no_grad():
         module.weight.copy_(_decoded(qm).T.to(module.weight.device))
         if module.bias is not None and qm.bias is not None:
-            module.bias.copy_(qm.bias.to(module.bias.device, torch.float32))
+            module.bias.copy_(qm.output_bias.to(module.bias.device, torch.float32))
 
 
 def _quantize_pass(s, src, layers, choice, data, model_kwargs, job, encode, progress) -> None:

@@ -69,11 +69,11 @@ def dequantize(qm: QMatrix) -> torch.Tensor:
 def matmul(x: torch.Tensor, qm: QMatrix) -> torch.Tensor:
     """``y = x @ B + bias`` for ``x`` ``[..., in_features]``, accumulated in float32 (spec 6.5).
 
-    Returns ``[..., out_features]`` in ``x``'s dtype; padded columns are dropped."""
+    Returns ``[..., out_features]`` in ``x``'s dtype; padded columns (and bias entries) are dropped."""
     if x.shape[-1] != qm.in_features:
         raise ValueError(f"x has {x.shape[-1]} features, the layer takes {qm.in_features}")
     b = dequantize(qm)[:, :qm.out_features].to(torch.float32)
     y = x.to(torch.float32) @ b
     if qm.bias is not None:
-        y = y + qm.bias.to(torch.float32)
+        y = y + qm.output_bias.to(torch.float32)
     return y.to(x.dtype)

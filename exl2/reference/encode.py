@@ -187,7 +187,9 @@ def pack(codes: torch.Tensor, groups, scale_codes: torch.Tensor, scale_max: torc
     """Assemble a QMatrix from codes ``[K, N]`` (act-order rows), the group plan
     ``(bits, first_row, rows)``, scale codes ``qs`` ``[G, N]`` (1..16) and float16 maxima ``[G]``.
 
-    Padded columns get the zero-point code and scale code 0xF (spec 3.2, exllamav2 ``pack``)."""
+    Padded columns get the zero-point code and scale code 0xF (spec 3.2, exllamav2 ``pack``); a
+    bias of ``out_features`` entries is stored padded with zeros to the padded width, the length
+    exllamav2's loader requires (spec 3.3)."""
     cols = padded_columns(out_features)
     pad = cols - out_features
     words, offsets = [], []
@@ -206,6 +208,7 @@ def pack(codes: torch.Tensor, groups, scale_codes: torch.Tensor, scale_max: torc
         q_scale_max=scale_max.to(device=codes.device, dtype=torch.float16).reshape(-1),
         q_groups=torch.tensor(offsets, dtype=torch.int16, device=codes.device),
         q_invperm=q_invperm.to(device=codes.device, dtype=torch.int32),
-        bias=None if bias is None else bias.detach().to(device=codes.device, dtype=torch.float16),
+        bias=None if bias is None else torch.nn.functional.pad(bias.detach().to(device=codes.device,
+                                                                                 dtype=torch.float16), (0, pad)),
         out_features=out_features,
     )
