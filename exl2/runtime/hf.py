@@ -26,6 +26,7 @@ import threading
 from pathlib import Path
 
 import torch
+import transformers
 from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING, register_quantization_config, register_quantizer
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
@@ -76,7 +77,8 @@ class Exl2Quantizer(HfQuantizer):
         if not files:
             raise ContainerError("transformers gave no weight files for this EXL2 model")
         folder = Path(files[0]).parent
-        check_folder(folder)
+        with torch.device("cpu"):  # transformers builds the model under torch.device("meta")
+            check_folder(folder)
         tensors = TensorFiles(folder)
         linears = quantized_linears(model, tensors)
         if not linears:
@@ -88,8 +90,17 @@ class Exl2Quantizer(HfQuantizer):
             parent_name, _, child = key.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, child, Exl2Linear.empty(linear.in_features, linear.out_features, shapes))
+        # stored q_perm (older files) is recomputed from q_invperm, as exllamav2 does (spec 3.3)
+        ignore = model._keys_to_ignore_on_load_unexpected or ()
+        as_set = isinstance(ignore, set) or int(transformers.__version__.split(".")[0]) >= 5  # 4: a list, 5: a set
+        model._keys_to_ignore_on_load_unexpected = (set if as_set else list)([*ignore, r"\.q_perm$"])
         if "lm_head" in linears and getattr(model.config, "tie_word_embeddings", False):
             model.config.tie_word_embeddings = False  # the head is stored on its own
+        tied = getattr(model, "all_tied_weights_keys", None)  # transformers 5 maps ties before this step
+        if isinstance(tied, dict):
+            for name, target in list(tied.items()):
+                if name.rpartition(".")[0] in linears or str(target).rpartition(".")[0] in linears:
+                    del tied[name]
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
@@ -138,9 +149,13 @@ def _resolve_exl2_files(original):
         if folder is None or not folder.is_dir() or kwargs.get("gguf_file"):
             return original(*args, **kwargs)
         if active or _folder_is_exl2(folder):
-            files = shard_files(folder)
-            _pending.files = [str(f) for f in files]
-            return [str(f) for f in files], None
+            files = [str(f) for f in shard_files(folder)]
+            _pending.files = files
+            if len(files) == 1:
+                return files, None
+            # several files: described as transformers describes an indexed checkpoint
+            weight_map = {n: Path(f).name for f in files for n in read_header(Path(f))[0] if n != "__metadata__"}
+            return files, {"metadata": {}, "weight_map": weight_map, "all_checkpoint_keys": list(weight_map)}
         candidates = sorted(folder.glob("*.safetensors"))
         if not (folder / "model.safetensors").is_file() and _holds_exl2_layers(candidates):
             raise FormatError("holds EXL2 layers but config.json has no quantization_config: pass "

@@ -150,16 +150,10 @@ def build_skeleton(path: str | os.PathLike, dtype: torch.dtype) -> nn.Module:
         hf_config = transformers.AutoConfig.from_pretrained(str(Path(path)), local_files_only=True)
         if hasattr(hf_config, "quantization_config"):  # the model is built plain; its linears are replaced below
             del hf_config.quantization_config
-        previous = torch.get_default_dtype()
-        torch.set_default_dtype(dtype)
-        try:
-            with params_on_meta():
-                if cls is transformers.AutoModel:
-                    model = cls.from_config(hf_config)
-                else:
-                    model = cls._from_config(hf_config)
-        finally:
-            torch.set_default_dtype(previous)
+        # transformers 5 names the argument dtype, 4 torch_dtype; it sets the default dtype while building
+        kw = {"dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype": dtype}
+        with params_on_meta():
+            model = cls.from_config(hf_config, **kw) if cls is transformers.AutoModel else cls._from_config(hf_config, **kw)
     except Exl2Error:
         raise
     except Exception as e:  # transformers raises many kinds for a config it cannot build
