@@ -277,26 +277,33 @@ def _folder_negative(code: str, folder: Path) -> None:
             del t[n]
         t |= qm.to_tensors(_KEY)
         _folder(folder, t, cfg)
+    elif code == "EXL2-R001":  # every layer valid; one norm weight overflows float16 in the forward pass
+        t |= {f"model.layers.0.{n}.weight": torch.ones(64, dtype=torch.float16)
+              for n in ("input_layernorm", "post_attention_layernorm")}
+        t["model.layers.0.post_attention_layernorm.weight"][0] = float("inf")
+        _folder(folder, t, dict(cfg, architectures=["LlamaForCausalLM"]))
     else:  # pragma: no cover - FOLDER_NEGATIVES and this function go together
         raise KeyError(code)
 
 
 #: Codes with a folder vector: those of the container, the config, the information about
-#: subnormal maxima (a legal file) and the deep decode (checked by ``validate --deep``).
+#: subnormal maxima (a legal file), the deep decode (checked by ``validate --deep``) and the
+#: forward pass (``validate --run``, which needs transformers).
 FOLDER_NEGATIVES = ("EXL2-C001", "EXL2-C002", "EXL2-C003", "EXL2-C004", "EXL2-C005", "EXL2-C006", "EXL2-C007",
                     "EXL2-C008", "EXL2-C010", "EXL2-K001", "EXL2-K002", "EXL2-K003", "EXL2-K004", "EXL2-K005", "EXL2-S002",
-                    "EXL2-D001")
+                    "EXL2-D001", "EXL2-R001")
 
 
 def write_folder_negative(folder: Path, code: str) -> dict:
     from .validate import validate_path
 
     _folder_negative(code, folder)
-    reported = sorted({f.code for f in validate_path(folder, deep=True).findings})
+    run = code.startswith("EXL2-R")
+    reported = sorted({f.code for f in validate_path(folder, deep=True, run=run).findings})
     if code not in reported:
         raise AssertionError(f"folder vector for {code} makes the validator report {reported}")
     return {"name": folder.name, "kind": "negative-folder", "code": code, "reported": reported,
-            "features": [f"negative:{code}"], "validate": "deep",
+            "features": [f"negative:{code}"], "validate": "run" if run else "deep",
             "sha256": {p.name: _sha256(p) for p in sorted(folder.iterdir())}}
 
 
