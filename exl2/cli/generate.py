@@ -39,8 +39,8 @@ def generate_cmd(
             print(f"exl2: error: {model}: config.json names no causal LM (…ForCausalLM); generate needs one",
                   file=sys.stderr)
             raise typer.Exit(2)
-        tok = tokenizer(model)
         m = load(model, device=device_of(device), dtype=dtype_of(dtype), decoded_cache=decoded_cache)
+        tok = tokenizer(model)
         sys.stdout.write(prompt)
         out = generate(m, tok, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
                        emit=lambda s: (sys.stdout.write(s), sys.stdout.flush()))

@@ -88,8 +88,8 @@ def evaluate(model_path: str | Path, source: str | Path | None = None, text: str
     text_name = "exl2/data/eval.txt" if text is None else "(given)"
     text = default_text() if text is None else text
     causal = is_causal(model_path)
+    model = load(model_path, device=device, dtype=dtype)  # validates the folder first
     tok = tokenizer(model_path)
-    model = load(model_path, device=device, dtype=dtype)
     ref = source_model(source, causal).to(model.device) if source is not None else None
     report = dict(model=str(model_path), source=None if source is None else str(source), text=text_name)
     if causal:

@@ -94,6 +94,8 @@ def check_folder(path: str | os.PathLike) -> None:
 
 
 def read_config(path: str | os.PathLike) -> dict:
+    if not Path(path).exists():
+        raise ContainerError("does not exist", file=str(path))
     cfg = config_path(Path(path))
     if not cfg.is_file():
         raise ContainerError("not found: a model is built from its config.json", file=str(cfg))
