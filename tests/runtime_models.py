@@ -16,6 +16,7 @@ import torch
 from exl2 import QParams
 from exl2.io import save_tensors
 from exl2.reference import dequantize, quantize
+from exl2.runtime.load import dtype_kwarg as dtype_kw
 
 ROOT = Path(tempfile.mkdtemp(prefix="run-tests-"))
 atexit.register(shutil.rmtree, ROOT, True)
@@ -25,13 +26,6 @@ OPTS = (QParams(32, [3, 2], [0.25, 0.75]), QParams(32, [4], [1.0]), QParams(32, 
 #: Llama family: GQA (4 heads, 2 key-value heads); hidden 64, 2 layers.
 DIMS = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             vocab_size=256, max_position_embeddings=256)
-
-
-def dtype_kw(dtype: torch.dtype) -> dict:
-    """transformers 5 names from_pretrained's argument ``dtype``, 4 ``torch_dtype``."""
-    import transformers
-
-    return {"dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype": dtype}
 
 
 def _tokenizer(folder: Path) -> None:
@@ -151,3 +145,16 @@ def dequantized_float_model(src: Path, exl2_dir: Path, dtype: torch.dtype = torc
             if name in params:
                 params[name].copy_(folder[name].to(dtype))
     return model.eval()
+
+
+@functools.cache
+def minilm_exl2(bpw: float = 4.0) -> Path:
+    """all-MiniLM-L6-v2 (``example:minilm``) through ``exl2 quantize``, with a small option set
+    (as tests/test_quantize_model.py's MiniLM test) to keep CI fast."""
+    from exl2.model.pipeline import Settings, quantize_model
+
+    out = ROOT / f"minilm-{bpw}"
+    options = (QParams(32, [4], [1.0]), QParams(32, [3, 2], [0.25, 0.75]), QParams(32, [6], [1.0]),
+               QParams(128, [8], [1.0]))
+    quantize_model(Settings(src="example:minilm", out=out, bpw=bpw, rows=4, length=64, options=options))
+    return out

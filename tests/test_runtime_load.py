@@ -13,7 +13,8 @@ from exl2.conformance import validate_path
 from exl2.io import save_tensors
 from exl2.nn import Exl2Linear
 from exl2.reference.bounds import MATMUL_REL
-from tests.runtime_models import DIMS, dequantized_float_model, dtype_kw, exl2_model, exllamav2_folder, float_model
+from tests.runtime_models import (DIMS, dequantized_float_model, dtype_kw, exl2_model, exllamav2_folder, float_model,
+                                  minilm_exl2)
 
 KINDS = ["llama", "llama-tied", "qwen2"]
 IDS = torch.tensor([[3, 17, 42, 9, 77, 5, 60, 21]])
@@ -212,3 +213,27 @@ def test_bad_folders_are_refused_with_one_line(case, tmp_path):
         exl2.load(d)
     line = str(e.value)
     assert text in line and "\n" not in line and str(d) in line
+
+
+@pytest.mark.slow
+def test_minilm_from_pretrained_gives_the_embeddings_quantizing_md_measures():
+    """AutoModel.from_pretrained on MiniLM at 4.0 bpw: its sentence embeddings are those whose cosine
+    docs/quantizing.md reports (exl2.model.evaluate.compare, which puts the decoded weights into the
+    float model), to float16 rounding of the stored embeddings and norms."""
+    import transformers
+
+    import exl2.hf  # noqa: F401
+    from exl2.model import arch
+    from exl2.model.evaluate import compare, default_sentences, sentence_embeddings
+
+    folder = minilm_exl2(4.0)
+    reported = compare("example:minilm", folder)["cosine_mean"]
+    src = arch.load("example:minilm")
+    model = transformers.AutoModel.from_pretrained(folder, **dtype_kw(torch.float32))
+    assert sum(isinstance(m, Exl2Linear) for m in model.modules()) == 36
+    base = sentence_embeddings(src.model, src.tokenizer, default_sentences())
+    ours = sentence_embeddings(model, src.tokenizer, default_sentences())
+    cosine = float((base * ours).sum(-1).mean())
+    assert abs(cosine - reported) < 2e-3, (cosine, reported)
+    assert torch.equal(ours, sentence_embeddings(exl2.load(folder, dtype=torch.float32), src.tokenizer,
+                                                 default_sentences()))

@@ -12,7 +12,7 @@ import typer
 
 from ..errors import Exl2Error
 from . import app
-from .run_options import device_of, dtype_of, steps
+from .run_options import device_of, dtype_of, quiet_transformers, steps
 
 
 @app.command("eval")
@@ -30,6 +30,8 @@ def eval_cmd(
     """Evaluate an EXL2 model (validated first) on a text, alone or against its float source."""
     from ..runtime.evaluate import EvalReport, evaluate
     from . import fail
+
+    quiet_transformers()
 
     if json_schema:
         print(json.dumps(EvalReport.model_json_schema(), indent=2))

@@ -9,7 +9,7 @@ import typer
 
 from ..errors import Exl2Error
 from . import app
-from .run_options import device_of, dtype_of
+from .run_options import device_of, dtype_of, quiet_transformers
 
 
 @app.command("generate")
@@ -30,6 +30,8 @@ def generate_cmd(
     from ..runtime.generate import generate
     from ..runtime.load import load
     from . import fail
+
+    quiet_transformers()
 
     if model is None or prompt is None:
         print("exl2: error: usage: exl2 generate MODEL PROMPT", file=sys.stderr)

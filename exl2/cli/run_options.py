@@ -14,6 +14,14 @@ T = TypeVar("T")
 DTYPES = ("float16", "bfloat16", "float32")
 
 
+def quiet_transformers() -> None:
+    """The command's own output only: no transformers progress bars or advice on stderr."""
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+
 def device_of(device: str) -> str:
     if device == "auto":
         import torch

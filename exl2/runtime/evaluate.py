@@ -20,7 +20,7 @@ import torch
 from pydantic import BaseModel
 
 from ..errors import ContainerError
-from .load import load, read_config
+from .load import dtype_kwarg, load, read_config
 
 #: Version of the JSON report; bumped when a field changes meaning or disappears.
 SCHEMA_VERSION = 1
@@ -69,9 +69,8 @@ def source_model(path: str | Path, causal: bool):
     import transformers
 
     cls = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
-    kw = {"dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype": torch.float32}
     try:
-        return cls.from_pretrained(str(path), local_files_only=True, **kw).eval()
+        return cls.from_pretrained(str(path), local_files_only=True, **dtype_kwarg(torch.float32)).eval()
     except Exception as e:
         raise ContainerError(f"cannot be loaded by transformers: {str(e).splitlines()[0][:200] if str(e) else ''}",
                              file=str(path)) from None

@@ -108,6 +108,14 @@ def read_config(path: str | os.PathLike) -> dict:
     return data
 
 
+def dtype_kwarg(dtype: torch.dtype) -> dict:
+    """The float dtype as transformers' from_pretrained / from_config take it: ``dtype`` since
+    version 5, ``torch_dtype`` before."""
+    import transformers
+
+    return {"dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype": dtype}
+
+
 def model_class(config: dict, where: str):
     """The transformers class to build: config.json's causal LM class, else ``AutoModel``."""
     import transformers
@@ -152,8 +160,7 @@ def build_skeleton(path: str | os.PathLike, dtype: torch.dtype) -> nn.Module:
         hf_config = transformers.AutoConfig.from_pretrained(str(Path(path)), local_files_only=True)
         if hasattr(hf_config, "quantization_config"):  # the model is built plain; its linears are replaced below
             del hf_config.quantization_config
-        # transformers 5 names the argument dtype, 4 torch_dtype; it sets the default dtype while building
-        kw = {"dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype": dtype}
+        kw = dtype_kwarg(dtype)  # transformers sets it as the default dtype while building
         with params_on_meta():
             model = cls.from_config(hf_config, **kw) if cls is transformers.AutoModel else cls._from_config(hf_config, **kw)
     except Exl2Error:
@@ -257,4 +264,5 @@ def load(path: str | os.PathLike, device: str | torch.device | None = None, dtyp
     return model
 
 
-__all__ = ["TensorFiles", "build_skeleton", "check_folder", "fill", "load", "params_on_meta", "quantized_linears"]
+__all__ = ["TensorFiles", "build_skeleton", "check_folder", "dtype_kwarg", "fill", "load", "params_on_meta",
+           "quantized_linears"]
