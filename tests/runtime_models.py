@@ -154,7 +154,6 @@ def minilm_exl2(bpw: float = 4.0) -> Path:
     from exl2.model.pipeline import Settings, quantize_model
 
     out = ROOT / f"minilm-{bpw}"
-    options = (QParams(32, [4], [1.0]), QParams(32, [3, 2], [0.25, 0.75]), QParams(32, [6], [1.0]),
-               QParams(128, [8], [1.0]))
+    options = (QParams(32, [3, 2], [0.25, 0.75]), QParams(32, [4], [1.0]), QParams(32, [6], [1.0]))
     quantize_model(Settings(src="example:minilm", out=out, bpw=bpw, rows=4, length=64, options=options))
     return out
