@@ -237,3 +237,14 @@ def test_minilm_from_pretrained_gives_the_embeddings_quantizing_md_measures():
     assert abs(cosine - reported) < 2e-3, (cosine, reported)
     assert torch.equal(ours, sentence_embeddings(exl2.load(folder, dtype=torch.float32), src.tokenizer,
                                                  default_sentences()))
+
+
+def test_registration_leaves_float_checkpoints_alone():
+    import transformers
+
+    import exl2.hf
+
+    exl2.hf.register()  # idempotent
+    model = transformers.AutoModelForCausalLM.from_pretrained(float_model("qwen2"), **dtype_kw(torch.float32))
+    assert not any(isinstance(m, Exl2Linear) for m in model.modules())
+    assert isinstance(model.lm_head, torch.nn.Linear) and not model.lm_head.weight.is_meta
