@@ -248,3 +248,17 @@ def test_registration_leaves_float_checkpoints_alone():
     model = transformers.AutoModelForCausalLM.from_pretrained(float_model("qwen2"), **dtype_kw(torch.float32))
     assert not any(isinstance(m, Exl2Linear) for m in model.modules())
     assert isinstance(model.lm_head, torch.nn.Linear) and not model.lm_head.weight.is_meta
+
+
+def test_save_pretrained_round_trip(tmp_path):
+    import transformers
+
+    import exl2.hf  # noqa: F401
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(exl2_model("qwen2"))
+    model.save_pretrained(tmp_path / "saved")
+    assert json.loads((tmp_path / "saved" / "config.json").read_text())["quantization_config"]["quant_method"] == "exl2"
+    assert validate_path(tmp_path / "saved").ok
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "saved")
+    with torch.no_grad():
+        assert torch.equal(model(IDS).logits, again(IDS).logits)
