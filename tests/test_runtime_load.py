@@ -193,6 +193,8 @@ BAD = {
     "other-method": (lambda d: _config(d, lambda c: c.update(quantization_config={"quant_method": "awq", "bits": 4})),
                      exl2.FormatError, "EXL2-K003"),
     "missing-tensor": (lambda d: _strip(d, "model.norm.weight"), exl2.FormatError, "model.norm.weight"),
+    "integer-norm": (lambda d: _edit_tensor(d, "model.norm.weight", lambda t: t.update({
+        "model.norm.weight": t["model.norm.weight"].to(torch.int16)})), exl2.FormatError, "model.norm.weight"),
 }
 
 

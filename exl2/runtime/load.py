@@ -216,7 +216,11 @@ def fill(model: nn.Module, files: TensorFiles) -> None:
             raise FormatError(f"has shape {list(files.shape(name))}, {type(model).__name__} expects {list(t.shape)}",
                               file=files.file(name), tensor=name)
         value = files[name]
-        if value.is_floating_point() and t.is_floating_point():
+        if value.is_floating_point() != t.is_floating_point():
+            raise FormatError(f"has dtype {value.dtype}, {type(model).__name__} expects a "
+                              f"{'float' if t.is_floating_point() else str(t.dtype)} tensor",
+                              file=files.file(name), tensor=name)
+        if value.is_floating_point():
             value = value.to(t.dtype)
         if attr in module._parameters:
             module._parameters[attr] = nn.Parameter(value, requires_grad=False)
