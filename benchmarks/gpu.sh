@@ -14,7 +14,7 @@
 # the device tool's: carry .whl), else from PyPI.
 #
 # Outputs in OUT_DIR: parity.txt (pytest), gpu_bench.md (the report), gpu_tuning.md (the sweep),
-# and their .log files. Each step writes as it goes, so a step cut short by its timeout keeps
+# gpu_generate.md (batch-1 decode of exl2.load against float16; needs transformers), and their .log files. Each step writes as it goes, so a step cut short by its timeout keeps
 # what it measured.
 # Exit status: 0 when every step passes, 1 when one fails, 2 when the machine is not usable.
 set -uo pipefail
@@ -62,5 +62,14 @@ echo "== launch configurations"
 timeout 120 python3 benchmarks/gpu_bench.py --sweep --out "$out/gpu_tuning.md" 2>&1 | tee "$out/gpu_tuning.log"
 tuning=${PIPESTATUS[0]}
 
-echo "parity exit $parity, bench exit $bench, tuning exit $tuning (124: timed out)"
-exit $(( parity != 0 || bench != 0 || tuning != 0 ))
+echo "== batch-1 decode, exl2.load against float16"
+generate=0
+if python3 -c "import transformers" 2>/dev/null; then
+  timeout 120 python3 benchmarks/gpu_generate.py --out "$out/gpu_generate.md" 2>&1 | tee "$out/gpu_generate.log"
+  generate=${PIPESTATUS[0]}
+else
+  echo "skipped: transformers is not installed here" | tee "$out/gpu_generate.log"
+fi
+
+echo "parity exit $parity, bench exit $bench, tuning exit $tuning, generate exit $generate (124: timed out)"
+exit $(( parity != 0 || bench != 0 || tuning != 0 || generate != 0 ))

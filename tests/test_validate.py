@@ -201,6 +201,15 @@ def d001(folder: Path) -> None:
     write(folder, t)
 
 
+def r001(folder: Path) -> None:
+    """Every layer valid, config.json a runnable one-layer llama; an input norm weight of 70000
+    overflows float16 in the first module that applies it."""
+    t = llama_tensors()
+    t["model.layers.0.post_attention_layernorm.weight"] = torch.ones(64, dtype=torch.float16)
+    t["model.layers.0.input_layernorm.weight"][0] = 60000.0
+    write(folder, t, dict(json.loads(json.dumps(CONFIG)), architectures=["LlamaForCausalLM"]))
+
+
 TRIGGERS = {
     "EXL2-C001": (lambda f: (write(f, {}), (f / "output.safetensors").write_bytes(b"\x01\x02")), None),
     "EXL2-C002": (edit_header(lambda h, d: ([1, 2], d)), None),
@@ -250,6 +259,7 @@ TRIGGERS = {
     "EXL2-S003": (mutate_layer(padded_codes), "lm_head.q_weight"),
     "EXL2-S004": (mutate_layer(padded_nibbles), "lm_head.q_scale"),
     "EXL2-D001": (d001, KEY + ".q_weight"),
+    "EXL2-R001": (r001, "model.layers.0.input_layernorm"),
 }
 
 
@@ -271,7 +281,7 @@ def test_trigger_reports_its_code(code, tmp_path, monkeypatch):
         make(folder, monkeypatch)
     else:
         make(folder)
-    r = validate_path(folder, deep=True)
+    r = validate_path(folder, deep=True, run=code.startswith("EXL2-R"))
     hits = [f for f in r.findings if f.code == code]
     assert hits, [(f.code, f.tensor, f.message) for f in r.findings]
     assert hits[0].severity == CATALOGUE[code].severity and hits[0].section == CATALOGUE[code].section
@@ -297,7 +307,7 @@ def test_catalogue_matches_spec_findings_md():
 def test_catalogue_codes_are_well_formed_and_cite_spec_sections():
     spec = (Path(__file__).parents[1] / "spec" / "exl2.md").read_text()
     for code, info in CATALOGUE.items():
-        assert re.fullmatch(r"EXL2-[CKTGPSD]\d{3}", code) and info.code == code
+        assert re.fullmatch(r"EXL2-[CKTGPSDR]\d{3}", code) and info.code == code
         assert re.search(rf"^{re.escape(info.section)} \*\*", spec, flags=re.M), (code, info.section)
 
 

@@ -1,4 +1,4 @@
-"""``exl2 validate PATH [--json] [--deep]``: check an EXL2 model against every rule of the spec.
+"""``exl2 validate PATH [--json] [--deep] [--run]``: check an EXL2 model against every rule of the spec.
 
 Exit status: 0 valid (warnings allowed), 1 invalid, 2 could not run."""
 
@@ -20,6 +20,7 @@ def validate_cmd(
     path: Path = typer.Argument(None, help="EXL2 model folder or .safetensors file"),
     as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
     deep: bool = typer.Option(False, "--deep", help="also decode every layer and report NaN/Inf and statistics"),
+    run: bool = typer.Option(False, "--run", help="also run the model on a few tokens (float16) and report NaN/Inf outputs (needs transformers)"),
     json_schema: bool = typer.Option(False, "--json-schema", help="print the JSON schema of the report and exit"),
 ) -> None:
     """Check a model folder or .safetensors file(s) on the CPU: container, config, and every layer rule.
@@ -34,7 +35,7 @@ def validate_cmd(
         print("exl2: error: missing PATH (a model folder or .safetensors file)", file=__import__("sys").stderr)
         raise typer.Exit(2)
     try:
-        report = validate_path(path, deep=deep, progress=progress)
+        report = validate_path(path, deep=deep, progress=progress, run=run)
     except Exl2Error as e:
         raise fail(e) from None
     if as_json:

@@ -2,7 +2,7 @@
 
 Every rule the validator checks has a stable code ``EXL2-<letter><number>``: C container
 (safetensors header and shards), K config.json, T tensors of a layer, G group table,
-P permutation, S scales and padding, D deep decode. Codes are never renumbered or reused.
+P permutation, S scales and padding, D deep decode, R running the model (``--run``). Codes are never renumbered or reused.
 The catalogue below is the single source of each code's severity, title, the spec section it
 enforces and what triggers it; ``spec/findings.md`` documents the same codes for people
 (``tests/test_validate.py`` keeps the two identical).
@@ -181,6 +181,12 @@ CATALOGUE: dict[str, CodeInfo] = _entries(
     ("EXL2-D001", "error", "decoded weights hold NaN or Inf", "6.3",
      "With --deep, decoding a layer gives NaN or Inf: (q - 2^(b-1)) * scale overflows float16. The scales "
      "are corrupt."),
+    # running the model
+    ("EXL2-R001", "error", "forward pass yields NaN or Inf", "8.4",
+     "With --run, the model built from the folder (its config.json architecture, every layer decoded as "
+     "specified) gives NaN or Inf on a float16 forward pass over a few tokens, although every layer passes "
+     "its rules: a float tensor (norm, embedding) or the scale of the weights overflows float16. The "
+     "message names the first module whose output is not finite."),
 )
 
 

@@ -71,12 +71,14 @@ class Report(BaseModel):
     files: list[str]
     ok: bool
     deep: bool
+    run: bool = False
     summary: Summary
     findings: list[Finding]
     layers: list[LayerStats]
 
 
-def validate_path(path: str | Path, *, deep: bool = False, progress: bool | ProgressFn = False) -> Report:
+def validate_path(path: str | Path, *, deep: bool = False, progress: bool | ProgressFn = False,
+                  run: bool = False) -> Report:
     """Validate a model folder or a ``.safetensors`` file (spec 2 to 7).
 
     Container checks come first, on header bytes only; a file failing them is never opened with
@@ -85,7 +87,9 @@ def validate_path(path: str | Path, *, deep: bool = False, progress: bool | Prog
     ``progress``: True for a progress bar on a terminal (:func:`exl2.cli.common.progress`), or a
     function ``progress(items, total, description)`` wrapping the layer iterator.
     Never raises for bad content; raises :class:`exl2.ContainerError` only when there is nothing
-    to validate (a missing path, a folder without .safetensors files, another file type)."""
+    to validate (a missing path, a folder without .safetensors files, another file type).
+    With ``run``, a folder without errors is also run on a few tokens (:mod:`exl2.runtime.check`,
+    needs transformers; its ContainerError when transformers cannot build the architecture)."""
     start = time.perf_counter()
     path = Path(path)
     files = shard_files(path)
@@ -145,6 +149,10 @@ def validate_path(path: str | Path, *, deep: bool = False, progress: bool | Prog
                                 message=f"layers average {bpw:.3f} bits per weight (weighted by layer size), "
                                         f"quantization_config.bits is {qc.bits}{excluded}"))
 
+    if run and not any(f.severity == "error" for f in findings):
+        from ..runtime.check import forward_findings
+
+        findings += forward_findings(path)
     seconds = time.perf_counter() - start
     nbytes = sum(checks[f].size for f in files)
     count = {s: sum(f.severity == s for f in findings) for s in ("error", "warning", "info")}
@@ -152,7 +160,7 @@ def validate_path(path: str | Path, *, deep: bool = False, progress: bool | Prog
                       files=len(files), bpw=bpw, target_bpw=qc.bits if qc else None, seconds=seconds, bytes=nbytes,
                       layers_per_second=len(keys) / seconds if seconds else 0.0,
                       megabytes_per_second=nbytes / 1e6 / seconds if seconds else 0.0)
-    return Report(path=str(path), files=[str(f) for f in files], ok=count["error"] == 0, deep=deep,
+    return Report(path=str(path), files=[str(f) for f in files], ok=count["error"] == 0, deep=deep, run=run,
                   summary=summary, findings=findings, layers=layers)
 
 

@@ -284,6 +284,11 @@ def _folder_negative(code: str, variant: str | None, folder: Path) -> None:
             del t[n]
         t |= qm.to_tensors(_KEY)
         _folder(folder, t, cfg)
+    elif code == "EXL2-R001":  # every layer valid; one norm weight overflows float16 in the forward pass
+        t |= {f"model.layers.0.{n}.weight": torch.ones(64, dtype=torch.float16)
+              for n in ("input_layernorm", "post_attention_layernorm")}
+        t["model.layers.0.post_attention_layernorm.weight"][0] = float("inf")
+        _folder(folder, t, dict(cfg, architectures=["LlamaForCausalLM"]))
     else:  # pragma: no cover - FOLDER_NEGATIVES and this function go together
         raise KeyError(code)
 
@@ -304,13 +309,14 @@ _CONFIG_EDITS = {
 
 #: Folder vectors, as (code, variant): the codes of the container and the config, a layer found
 #: without its q_weight, the padded columns (out_features comes from config.json), the
-#: information about subnormal maxima (a legal file) and the deep decode (``validate --deep``).
+#: information about subnormal maxima (a legal file) the deep decode (``validate --deep``) and the forward pass (``validate --run``, which needs
+#: transformers).
 FOLDER_NEGATIVES: tuple[tuple[str, str | None], ...] = (
     *((c, None) for c in ("EXL2-C001", "EXL2-C002", "EXL2-C003", "EXL2-C004", "EXL2-C005", "EXL2-C006", "EXL2-C007",
                           "EXL2-C008", "EXL2-C010", "EXL2-K001")),
     *_CONFIG_EDITS,
     ("EXL2-T001", "no-q-weight"), ("EXL2-T001", "lone-q-scale"), ("EXL2-S002", None), ("EXL2-S003", None),
-    ("EXL2-S004", None), ("EXL2-D001", None),
+    ("EXL2-S004", None), ("EXL2-D001", None), ("EXL2-R001", None),
 )
 
 
@@ -322,11 +328,12 @@ def write_folder_negative(folder: Path, code: str, variant: str | None = None) -
     from .validate import validate_path
 
     _folder_negative(code, variant, folder)
-    reported = sorted({f.code for f in validate_path(folder, deep=True).findings})
+    run = code.startswith("EXL2-R")
+    reported = sorted({f.code for f in validate_path(folder, deep=True, run=run).findings})
     if code not in reported:
         raise AssertionError(f"folder vector for {code} makes the validator report {reported}")
     return {"name": folder.name, "kind": "negative-folder", "code": code, "reported": reported,
-            "features": [f"negative:{code}"], "validate": "deep",
+            "features": [f"negative:{code}"], "validate": "run" if run else "deep",
             "sha256": {p.name: _sha256(p) for p in sorted(folder.iterdir())}}
 
 
