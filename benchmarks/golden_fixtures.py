@@ -8,8 +8,9 @@ extension built by ``benchmarks/build_exllamav2.sh``, loaded by
 - raw layers as exllamav2's converter holds them before packing (:mod:`tests.raw_layers`):
   every width alone, every width in one layer, the 2.5 / 4.0 / 6.0 bpw mixes, padded columns,
   groups straddling the kernel's 128-row blocks, short last groups, subnormal and extreme
-  scales, a bias; each multiplied by x with M = 1, 3, 16 and 33 rows (33 is past exllamav2's
-  ``MAX_Q_GEMM_ROWS`` = 32: reconstruct + cuBLAS);
+  scales, a bias; each (but the two decode-only ones, whose maxima span float16's range)
+  multiplied by x with M = 1, 3, 16 and 33 rows (33 is past exllamav2's ``MAX_Q_GEMM_ROWS`` =
+  32: reconstruct + cuBLAS);
 - the positive conformance vectors (:func:`exl2.conformance.vectors.positives`), their x;
 
 and writes what they return into OUT (a few MB):
@@ -53,7 +54,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.raw_layers import RawLayer, build_layer, extreme_layer  # noqa: E402
+from tests.raw_layers import REALISTIC, RawLayer, build_layer, extreme_layer  # noqa: E402
 
 SCHEMA_VERSION = 1
 DATA_FILE = "exllamav2_golden.safetensors"
@@ -74,13 +75,21 @@ class RawCase:
 
 
 def raw_cases(smoke: bool) -> list[RawCase]:
-    """The raw layers, in fixture order (``smoke``: the small ones the emulation runs quickly)."""
+    """The raw layers, in fixture order (``smoke``: the small ones the emulation runs quickly).
+    Layers that are multiplied have maxima in the range of real layers (float16 products stay far
+    from overflow); two decode-only layers cover the whole float16 range of maxima."""
     g32 = {b: 16 if b == 2 else 32 for b in ALL_WIDTHS}
+
+    def layer(widths, group_size, counts, cut, n, seed, bias):
+        return build_layer(widths, group_size, counts, cut, n, seed, bias, REALISTIC)
+
     cases = [
-        RawCase("every-width", build_layer(ALL_WIDTHS, g32, [1, 1, 1, 1, 1, 2], 0, 33, 11, True),
+        RawCase("every-width", layer(ALL_WIDTHS, g32, [1, 1, 1, 1, 1, 2], 0, 33, 11, True),
                 "8, 6, 5, 4, 3-bit groups of 32 rows and two 2-bit groups of 16; 33 columns padded to 64; bias"),
-        RawCase("straddle-block", build_layer([4, 3], {4: 96, 3: 96}, [2, 1], 32, 40, 5, False),
+        RawCase("straddle-block", layer([4, 3], {4: 96, 3: 96}, [2, 1], 32, 40, 5, False),
                 "groups of 96 rows crossing the kernels' 128-row blocks; last group cut to 64 rows"),
+        RawCase("scale-range", build_layer(ALL_WIDTHS, g32, [2, 1, 1, 2, 1, 2], 0, 50, 12, False),
+                "every width, maxima over the whole float16 range, subnormals included (decode only)", matmul=False),
         RawCase("extreme", extreme_layer(), "lowest and highest codes, scale codes 1 and 16, float16 edge maxima "
                 "(weights overflow to inf: decode only)", matmul=False),
     ]
@@ -89,16 +98,16 @@ def raw_cases(smoke: bool) -> list[RawCase]:
     for b in ALL_WIDTHS:
         size = 32 if b == 2 else 64
         cut = {3: 32, 2: 16}.get(b, 0)
-        cases.append(RawCase(f"width-{b}", build_layer([b], {b: size}, [256 // size], cut, 200, 100 + b, b in (8, 4)),
+        cases.append(RawCase(f"width-{b}", layer([b], {b: size}, [256 // size], cut, 200, 100 + b, b in (8, 4)),
                              f"{b}-bit groups of {size} rows, {256 - cut} rows, 200 columns padded to 224"))
     cases += [
-        RawCase("mix-2.5", build_layer([3, 2], {3: 64, 2: 32}, [3, 10], 0, 288, 25, True),
+        RawCase("mix-2.5", layer([3, 2], {3: 64, 2: 32}, [3, 10], 0, 288, 25, True),
                 "3/2-bit mix (groups of 64 and 32), 512 x 288, bias"),
-        RawCase("mix-4.0", build_layer([5, 4, 3], {5: 64, 4: 64, 3: 64}, [2, 4, 2], 0, 256, 40, False),
+        RawCase("mix-4.0", layer([5, 4, 3], {5: 64, 4: 64, 3: 64}, [2, 4, 2], 0, 256, 40, False),
                 "5/4/3-bit mix in groups of 64, 512 x 256"),
-        RawCase("mix-6.0", build_layer([8, 6, 5], {8: 32, 6: 64, 5: 128}, [2, 3, 2], 0, 160, 60, True),
+        RawCase("mix-6.0", layer([8, 6, 5], {8: 32, 6: 64, 5: 128}, [2, 3, 2], 0, 160, 60, True),
                 "8/6/5-bit mix in groups of 32, 64 and 128, 512 x 160, bias"),
-        RawCase("many-columns", build_layer([4, 2], {4: 64, 2: 16}, [1, 4], 0, 1000, 7, False),
+        RawCase("many-columns", layer([4, 2], {4: 64, 2: 16}, [1, 4], 0, 1000, 7, False),
                 "1000 columns padded to 1024 (eight of the matmul kernel's column blocks), 128 rows"),
     ]
     return cases

@@ -55,15 +55,22 @@ class RawLayer:
                     None if self.bias is None else torch.from_numpy(self.bias))
 
 
-def random_scale_max(rng: np.random.Generator, g: int) -> np.ndarray:
-    """float16 maxima from 2^-24 up to 2^5: normal ones, ones whose /256 is a float16 subnormal
-    (below 2^-6), float16 subnormals whose /256 rounds to 0."""
-    exps = rng.integers(-24, 6, g)
+#: Binary exponents of random group maxima: the whole float16 range (the default: normal maxima,
+#: ones whose /256 is a float16 subnormal, i.e. below 2^-6, float16 subnormals whose /256 rounds
+#: to 0), and the range of real layers (about 6e-5 to 0.25, most of them subnormal after /256),
+#: where products stay far from float16 overflow.
+FULL_RANGE = (-24, 6)
+REALISTIC = (-14, -2)
+
+
+def random_scale_max(rng: np.random.Generator, g: int, exponents: tuple[int, int] = FULL_RANGE) -> np.ndarray:
+    """float16 maxima ``m * 2^e``, m uniform in [1, 2), e uniform in ``exponents`` (end excluded)."""
+    exps = rng.integers(*exponents, g)
     return (np.ldexp(rng.uniform(1, 2, g), exps)).astype(np.float16)
 
 
 def build_layer(widths: list[int], group_size: dict[int, int], counts: list[int], cut: int, n: int, seed: int,
-                with_bias: bool) -> RawLayer:
+                with_bias: bool, scale_exponents: tuple[int, int] = FULL_RANGE) -> RawLayer:
     rng = np.random.default_rng(seed)
     bits_of_groups = [b for b, c in zip(widths, counts) for _ in range(c)]
     k = sum(group_size[b] for b in bits_of_groups) - cut
@@ -77,7 +84,7 @@ def build_layer(widths: list[int], group_size: dict[int, int], counts: list[int]
     return RawLayer(
         qweight=np.concatenate(rows).astype(np.int16),
         qscale=rng.integers(1, 17, (g, n)).astype(np.int16),
-        qscale_max=random_scale_max(rng, g),
+        qscale_max=random_scale_max(rng, g, scale_exponents),
         qgroups=np.array([v for b in bits_of_groups for v in (b, 0)], dtype=np.int16),
         group_size=group_size,
         invperm=rng.permutation(k).astype(np.int32),
