@@ -183,11 +183,13 @@ def main() -> int:
     nvcc_version = run([str(cuda / "bin" / "nvcc"), "--version"]).strip().splitlines()[-1]
     print(f"== compiling {len(sources)} sources for sm_90 with {nvcc_version}, MAX_JOBS={os.environ.get('MAX_JOBS')}",
           flush=True)
+    load_before = os.getloadavg()[0]
     t0 = time.perf_counter()
     ext = cpp_extension.load(name="exllamav2_ext", sources=sources, extra_include_paths=[str(src)],
                              extra_cflags=cflags, extra_cuda_cflags=cuda_cflags, build_directory=str(args.build_dir),
                              verbose=True)
     build_seconds = time.perf_counter() - t0
+    load_after = os.getloadavg()[2]  # the last 15 minutes of the build
     built = Path(ext.__file__)
     print(f"== built {built} in {build_seconds:.0f} s", flush=True)
 
@@ -219,6 +221,8 @@ def main() -> int:
         "incremental": args.incremental,
         "build_seconds": round(build_seconds, 1),
         "build_minutes": round(build_seconds / 60, 1),
+        "load_average_at_start": round(load_before, 1),  # other jobs on the machine slow the build
+        "load_average_last_15_min": round(load_after, 1),
         "so_bytes": built.stat().st_size,
         "stripped_bytes": so.stat().st_size,
         "stripped_mib": round(so.stat().st_size / 2**20, 2),
