@@ -97,3 +97,17 @@ def test_gpu_script_refuses_a_machine_without_a_gpu(tmp_path):
     assert r.returncode == 2, r.stdout + r.stderr
     assert "no GPU" in r.stdout + r.stderr
     assert not list((tmp_path / "out").glob("*.md"))
+
+
+def test_build_results_are_those_of_the_pinned_build():
+    """docs/results/exllamav2_build.json (quoted by docs/performance.md) was written by a build of
+    the versions build_exllamav2.sh pins now, and that build passed its checks."""
+    script = (BENCHMARKS / "build_exllamav2.sh").read_text()
+    pins = dict(re.findall(r"^([A-Z0-9_]+)=(\S+)$", script, re.M))
+    results = json.loads((BENCHMARKS.parent / "docs" / "results" / "exllamav2_build.json").read_text())
+    assert results["exllamav2_version"] == pins["EXLLAMAV2_VERSION"]
+    assert results["exllamav2_wheel_sha256"] == pins["EXLLAMAV2_WHEEL_SHA256"]
+    assert results["torch_version"].split("+")[0] == pins["TORCH_VERSION"]
+    assert results["cubin_archs"] == ["sm_90"] and not results["incremental"]
+    assert results["unresolved_count"] == 0 and not results["needed_not_found"] and not results["functions_missing"]
+    assert results["make_group_map_on_cpu"]["equal"] and results["imported_stripped_copy"]
