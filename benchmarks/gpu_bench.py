@@ -1,11 +1,15 @@
 """GPU benchmark of the fast path (run by benchmarks/gpu.sh; needs an NVIDIA or AMD GPU).
 
 Times ``exl2.fast.matmul`` for 4096x4096, 4096x14336 and 14336x4096 layers (in x out) at 2.5,
-4.0 and 6.0 bpw for M = 1, 4, 16, 128, 2048 against torch float16 matmul of the same shape,
-reports the achieved memory bandwidth as a fraction of the device's peak, checks the targets of
-issue 4, times each of the three matmul paths over M (the data to set ``GEMV_MAX_M`` and
-``MATMUL_CROSSOVER_M``), times quantize (round-to-nearest and GPTQ) of one 4096x14336 layer,
-and writes a markdown report (rewritten after every row, so a run cut short keeps what it measured).
+4.0 and 6.0 bpw for M = 1, 4, 16, 128, 2048 against torch float16 matmul of the same shape and,
+for M <= 128, against exllamav2's own ``gemm_half_q_half`` on the same layer (its extension built
+by build_exllamav2.sh, loaded by exllamav2_kernels.py; the column stays empty where it is not
+there), reports the achieved memory bandwidth as a fraction of the device's peak, checks the
+targets of issues 4 and 14, checks that exllamav2's ``reconstruct`` of each benchmark layer equals
+``exl2.fast.dequantize`` bit for bit, times each of the three matmul paths over M (the data to
+set ``GEMV_MAX_M`` and ``MATMUL_CROSSOVER_M``), times quantize (round-to-nearest and GPTQ) of one
+4096x14336 layer, and writes a markdown report (rewritten after every row, so a run cut short
+keeps what it measured).
 
     python benchmarks/gpu_bench.py --out results.md [--quick]
     python benchmarks/gpu_bench.py --out tuning.md --sweep       # launch configurations instead
@@ -54,6 +58,11 @@ MIXES = {
 }
 #: M values of the path comparison (every path is timed at each).
 PATH_MS = [1, 2, 4, 8, 16, 32, 64, 128]
+#: Largest M at which exllamav2's gemm_half_q_half is timed beside ours.
+EXLLAMAV2_MAX_M = 128
+#: Calls before timing exllamav2's kernel: its autotuner measures the first 200 calls of each
+#: shape (AT_NUM_MEASURE, exllamav2_ext/cuda/q_gemm_autotune.cuh) before it settles.
+EXLLAMAV2_WARMUP_CALLS = 250
 
 
 def random_layer(in_features: int, out_features: int, bpw: float, device: str, seed: int = 0) -> QMatrix:
@@ -135,40 +144,60 @@ def main() -> int:
         shapes, ms_list, path_ms = [(128, 96)], [1, 4, 16, 40], [1, 8, 40]
     frac = (lambda nbytes, ms: f"{nbytes / (ms / 1e3) / peak:.0%}") if peak else (lambda nbytes, ms: "n/a")
 
-    lines = [f"Device: {device_line}", f"torch {torch.__version__}", "",
-             "## exl2.fast.matmul against torch float16 matmul", "",
-             "| in x out | bpw (mix/stored) | M | exl2 fast (ms) | fp16 (ms) | speed-up | exl2 bandwidth / peak | "
-             "fp16 bandwidth / peak | dequantize (ms) | fp16 + dequantize (ms) |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    verdicts = []
+    exllamav2, exllamav2_note = exllamav2_kernels(device)
+    lines = [f"Device: {device_line}", f"torch {torch.__version__}", f"exllamav2's kernels: {exllamav2_note}", "",
+             "## exl2.fast.matmul against torch float16 matmul and exllamav2's gemm_half_q_half", "",
+             "| in x out | bpw (mix/stored) | M | exl2 fast (ms) | fp16 (ms) | speed-up | exllamav2 (ms) | "
+             "exllamav2 / exl2 fast | exl2 bandwidth / peak | fp16 bandwidth / peak | dequantize (ms) | "
+             "fp16 + dequantize (ms) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    verdicts, same_decode = [], []
     layers: dict[tuple[int, int, float], QMatrix] = {}
     for k, n in shapes:
         w16 = torch.randn(k, n, device=device, dtype=torch.float16)
         for bpw in MIXES:
             qm = layers[k, n, bpw] = random_layer(k, n, bpw, device)
-            fast.dequantize(qm)  # checks the layer once, compiles
+            ours = fast.dequantize(qm)  # checks the layer once, compiles
             t_deq = bench(lambda: fast.dequantize(qm))
+            theirs = exllamav2.Exllamav2Layer(qm.to_tensors()) if exllamav2 else None
+            if theirs is not None:
+                equal = torch.equal(theirs.reconstruct().view(torch.int16), ours.view(torch.int16))
+                same_decode.append(f"- {k}x{n}, {bpw} bpw: exllamav2's reconstruct "
+                                   f"{'equals' if equal else 'DIFFERS FROM'} exl2.fast.dequantize bit for bit")
+            del ours
             for m in ms_list:
                 x = torch.randn(m, k, device=device, dtype=torch.float16)
                 t_q = bench(lambda: fast.matmul(x, qm))
                 t_h = bench(lambda: x @ w16)
+                t_ex = None
+                if theirs is not None and m <= EXLLAMAV2_MAX_M:
+                    for _ in range(EXLLAMAV2_WARMUP_CALLS):
+                        theirs.gemm(x)
+                    t_ex = bench(lambda: theirs.gemm(x))
                 moved = layer_bytes(qm) + x.numel() * 2 + m * n * 2
                 moved_h = w16.numel() * 2 + x.numel() * 2 + m * n * 2
+                ex_cells = f"{t_ex:.4f} | {t_ex / t_q:.2f}x" if t_ex else "- | -"
                 lines.append(f"| {k}x{n} | {bpw}/{qm.bits_per_weight:.2f} | {m} | {t_q:.4f} | {t_h:.4f} | "
-                             f"{t_h / t_q:.2f}x | {frac(moved, t_q)} | {frac(moved_h, t_h)} | {t_deq:.4f} | "
-                             f"{t_h + t_deq:.4f} |")
+                             f"{t_h / t_q:.2f}x | {ex_cells} | {frac(moved, t_q)} | {frac(moved_h, t_h)} | "
+                             f"{t_deq:.4f} | {t_h + t_deq:.4f} |")
                 report(args.out, lines)
                 if bpw == 4.0 and m == 1 and peak:
                     ok = t_h / t_q >= 3 and moved / (t_q / 1e3) / peak >= 0.7
                     verdicts.append(f"- {k}x{n}, 4.0 bpw, M = 1: {t_h / t_q:.2f}x fp16, "
                                     f"{moved / (t_q / 1e3) / peak:.0%} of peak: {'met' if ok else 'NOT met'} "
                                     f"(target: >= 3x and >= 70 %)")
+                    if t_ex:
+                        verdicts.append(f"- {k}x{n}, 4.0 bpw, M = 1: exl2 fast {t_q:.4f} ms, exllamav2 {t_ex:.4f} ms: "
+                                        f"{'met' if t_q <= t_ex else 'NOT met'} (target: at least as fast)")
                 if m == max(ms_list) and peak:
                     ok = t_q <= (t_h + t_deq) * 1.05
                     verdicts.append(f"- {k}x{n}, {bpw} bpw, M = {m}: {t_q:.3f} ms vs fp16 + dequantize "
                                     f"{t_h + t_deq:.3f} ms: {'met' if ok else 'NOT met'} (5 % timing slack)")
+            if theirs is not None:
+                theirs.close()
         del w16
-    lines += ["", "## Targets (issue 4)", ""] + (verdicts or ["- not judged (no GPU)"])
+    lines += ["", "## Targets (issues 4 and 14)", ""] + (verdicts or ["- not judged (no GPU)"])
+    lines += ["", "## exllamav2's reconstruct of the benchmark layers", ""] + (same_decode or [f"- not run: {exllamav2_note}"])
 
     if path_ms:
         k, n = shapes[1] if len(shapes) > 1 else shapes[0]
@@ -200,6 +229,20 @@ def main() -> int:
         lines.append(f"- {label}: {time.perf_counter() - t0:.2f} s")
         report(args.out, lines)
     return 0
+
+
+def exllamav2_kernels(device: str):
+    """benchmarks.exllamav2_kernels when exllamav2's extension can run here, else None; and a line
+    for the report saying which."""
+    if device != "cuda":
+        return None, "not run (no GPU)"
+    from benchmarks import exllamav2_kernels as kernels
+
+    ok, why = kernels.available()
+    if not ok:
+        return None, f"not run ({why})"
+    so = next(kernels.extension_dir().glob("exllamav2_ext*.so"))
+    return kernels, f"exllamav2_ext from {so.name} (gemm_half_q_half, force_cuda off: its own choice of path)"
 
 
 def report(path: Path, lines: list[str]) -> None:

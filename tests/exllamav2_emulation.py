@@ -110,13 +110,16 @@ def pack_rows_4_kernel(inp: np.ndarray) -> np.ndarray:
 
 def adaptive_gptq_pack(key: str, qweight: np.ndarray, qscale: np.ndarray, qscale_max: np.ndarray,
                        qgroups: np.ndarray, group_size: dict[int, int], invperm: np.ndarray,
-                       bias: np.ndarray | None = None) -> dict[str, np.ndarray]:
+                       bias: np.ndarray | None = None, *, pack_columns=pack_columns_kernel,
+                       pack_rows_4=pack_rows_4_kernel) -> dict[str, np.ndarray]:
     """``AdaptiveGPTQ.pack(key, qparams)``.
 
     As the quantizer leaves them: ``qweight`` int16 ``[rows, columns]`` codes in act-order,
     ``qscale`` int16 ``[G, columns]`` in 1..16, ``qscale_max`` float16 ``[G]``, ``qgroups`` int16
     ``[2G]`` as ``(bits, 0)`` pairs, ``group_size`` per width (``qparams.group_size``), ``invperm``
-    the inverse act-order permutation."""
+    the inverse act-order permutation. ``pack_columns`` and ``pack_rows_4`` default to the
+    transliterated kernels above; benchmarks/golden_fixtures.py passes exllamav2's own (same
+    signatures: numpy int16 in, int32 out)."""
     qgroups = qgroups.astype(np.int16).copy()
     output: dict[str, np.ndarray] = {}
     output[key + ".q_invperm"] = invperm.astype(np.int32)
@@ -135,7 +138,7 @@ def adaptive_gptq_pack(key: str, qweight: np.ndarray, qscale: np.ndarray, qscale
         qst = qscale.astype(np.int16)
         qwt = qweight.astype(np.int16)
 
-    output[key + ".q_scale"] = pack_rows_4_kernel(qst)
+    output[key + ".q_scale"] = pack_rows_4(qst)
 
     qwt_packed = []
     i = row = out_row = 0
@@ -151,7 +154,7 @@ def adaptive_gptq_pack(key: str, qweight: np.ndarray, qscale: np.ndarray, qscale
         g_qwt = qwt[row:row + g_rows, :]  # a view, as .contiguous() of a contiguous slice is
         if padding > 0:
             g_qwt[:, -padding:] = 2 ** (bits - 1)
-        qwt_packed.append(pack_columns_kernel(g_qwt, qrows, bits))
+        qwt_packed.append(pack_columns(g_qwt, qrows, bits))
         row += g_rows
         out_row += qrows
         rem_rows -= g_rows

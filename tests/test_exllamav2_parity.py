@@ -9,8 +9,6 @@ tensors, and the same float16 weights bit for bit (compared as int16).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import pytest
 import torch
@@ -18,66 +16,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from exl2 import QMatrix
-from exl2.reference import dequantize, pack, pack_codes, pack_scales
+from exl2.reference import dequantize, pack_codes, pack_scales
 
 from . import exllamav2_emulation as ex
+from .raw_layers import RawLayer, build_layer, extreme_layer
 
 KEY = "model.layers.0.mlp.down_proj"
 WIDTHS = (8, 6, 5, 4, 3, 2)
 MAX_K, MAX_N = 256, 96
-
-
-@dataclass
-class RawLayer:
-    """A layer as exllamav2's quantizer holds it just before ``pack``."""
-
-    qweight: np.ndarray  # int16 [K, N] codes, act-order rows
-    qscale: np.ndarray  # int16 [G, N], 1..16
-    qscale_max: np.ndarray  # float16 [G]
-    qgroups: np.ndarray  # int16 [2G], (bits, 0) pairs
-    group_size: dict[int, int]
-    invperm: np.ndarray  # int32 [K]
-    bias: np.ndarray | None  # float16 [N]
-
-    @property
-    def plan(self) -> list[tuple[int, int, int]]:
-        """(bits, first row, rows) per group, cut as ``pack`` cuts them: min(group_size, rows left)."""
-        out, row = [], 0
-        for bits in self.qgroups[0::2].tolist():
-            n = min(self.group_size[bits], self.qweight.shape[0] - row)
-            out.append((bits, row, n))
-            row += n
-        return out
-
-
-def random_scale_max(rng: np.random.Generator, g: int) -> np.ndarray:
-    """float16 maxima from 2^-24 up to 2^5: normal ones, ones whose /256 is a float16 subnormal
-    (below 2^-6), float16 subnormals whose /256 rounds to 0."""
-    exps = rng.integers(-24, 6, g)
-    return (np.ldexp(rng.uniform(1, 2, g), exps)).astype(np.float16)
-
-
-def build_layer(widths: list[int], group_size: dict[int, int], counts: list[int], cut: int, n: int, seed: int,
-                with_bias: bool) -> RawLayer:
-    rng = np.random.default_rng(seed)
-    bits_of_groups = [b for b, c in zip(widths, counts) for _ in range(c)]
-    k = sum(group_size[b] for b in bits_of_groups) - cut
-    rows = []
-    left = k
-    for b in bits_of_groups:
-        r = min(group_size[b], left)
-        rows.append(rng.integers(0, 1 << b, (r, n)))
-        left -= r
-    g = len(bits_of_groups)
-    return RawLayer(
-        qweight=np.concatenate(rows).astype(np.int16),
-        qscale=rng.integers(1, 17, (g, n)).astype(np.int16),
-        qscale_max=random_scale_max(rng, g),
-        qgroups=np.array([v for b in bits_of_groups for v in (b, 0)], dtype=np.int16),
-        group_size=group_size,
-        invperm=rng.permutation(k).astype(np.int32),
-        bias=rng.normal(size=n).astype(np.float16) if with_bias else None,
-    )
 
 
 @st.composite
@@ -101,19 +47,7 @@ def raw_layers(draw) -> RawLayer:
 
 
 def pack_by_exllamav2(layer: RawLayer) -> dict[str, np.ndarray]:
-    # exllamav2's loader takes only a bias of N' entries (make_q_matrix; spec 3.3), so the bias a
-    # loadable file holds is the layer's, padded with zeros to N'
-    pad = -layer.qweight.shape[1] % 32
-    return ex.adaptive_gptq_pack(KEY, layer.qweight.copy(), layer.qscale.copy(), layer.qscale_max.copy(),
-                                 layer.qgroups.copy(), layer.group_size, layer.invperm,
-                                 None if layer.bias is None else np.pad(layer.bias, (0, pad)))
-
-
-def pack_by_reference(layer: RawLayer) -> QMatrix:
-    n = layer.qweight.shape[1]
-    return pack(torch.from_numpy(layer.qweight.astype(np.int64)), layer.plan,
-                torch.from_numpy(layer.qscale.astype(np.int64)), torch.from_numpy(layer.qscale_max),
-                torch.from_numpy(layer.invperm), n, None if layer.bias is None else torch.from_numpy(layer.bias))
+    return layer.pack_by_exllamav2(KEY)
 
 
 def decode_by_exllamav2(tensors: dict[str, np.ndarray]) -> np.ndarray:
@@ -130,7 +64,7 @@ def assert_same_tensors(ours: dict[str, torch.Tensor], theirs: dict[str, np.ndar
 
 def assert_bit_exact(layer: RawLayer) -> None:
     theirs = pack_by_exllamav2(layer)
-    ours = pack_by_reference(layer)
+    ours = layer.pack_by_reference()
     assert_same_tensors(ours.to_tensors(KEY), theirs)
 
     # the two packers on their own: pack_codes per group (padded columns at the zero point) and
@@ -177,15 +111,7 @@ def test_group_straddles_kernel_block():
 
 
 def test_extreme_codes_and_scales():
-    layer = build_layer([5, 2], {5: 64, 2: 32}, [2, 2], 0, 70, 3, False)
-    layer.qweight[:64] = 0  # lowest codes: -z
-    layer.qweight[64:128] = 31  # highest codes: 2^b - 1 - z
-    layer.qscale[0] = 16
-    layer.qscale[1] = 1
-    # float16 edges: largest normal, smallest normal (/256 is subnormal 2^-22), smallest subnormal
-    # (/256 rounds to 0, so every weight is +-0), and one with mantissa bits lost in /256
-    layer.qscale_max = np.array([65504.0, 2.0**-14, 2.0**-24, (1 + 2**-10) * 2.0**-14], dtype=np.float16)
-    assert_bit_exact(layer)
+    assert_bit_exact(extreme_layer())
 
 
 @pytest.mark.parametrize("bits", WIDTHS)
