@@ -15,7 +15,7 @@ and compared with the bytes the entry spans, and the byte ranges must tile the d
 
 Each broken rule goes to ``report(code, tensor, message)`` with its finding code
 (spec/findings.md): the reader raises at the first, the validator collects them all (at most
-:data:`MAX_REPORTS_PER_CODE` per code and file, then one line counting the rest).
+:data:`MAX_REPORTS` per file: a header whose entries are all broken is not walked to its end).
 """
 
 from __future__ import annotations
@@ -45,8 +45,8 @@ MAX_TENSORS = 1_000_000
 MAX_ENTRY_CHARS = 4096
 #: Most ``__metadata__`` pairs (real files have a handful).
 MAX_METADATA = 100_000
-#: Findings of one code reported per file before the rest are only counted.
-MAX_REPORTS_PER_CODE = 100
+#: Findings reported per file; the walk stops at the entry that reaches this many.
+MAX_REPORTS = 100
 #: Characters a tensor name must not hold: C0 and C1 controls and DEL.
 CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
@@ -107,25 +107,31 @@ def _constant(name: str) -> float:
 
 
 class _Reporter:
-    """Passes findings on, at most :data:`MAX_REPORTS_PER_CODE` per code, counting the rest."""
+    """Passes the first :data:`MAX_REPORTS` findings on and counts the rest, per code."""
 
     def __init__(self, report: Report) -> None:
         self.report = report
-        self.counts: dict[str, int] = {}
+        self.count = 0
+        self.unlisted: dict[str, int] = {}
 
     def __call__(self, code: str, tensor: str | None, message: str) -> None:
-        n = self.counts[code] = self.counts.get(code, 0) + 1
-        if n <= MAX_REPORTS_PER_CODE:
+        self.count += 1
+        if self.count <= MAX_REPORTS:
             self.report(code, tensor, message)
+        else:
+            self.unlisted[code] = self.unlisted.get(code, 0) + 1
 
     @property
     def failed(self) -> bool:
-        return bool(self.counts)
+        return self.count > 0
+
+    @property
+    def full(self) -> bool:
+        return self.count >= MAX_REPORTS
 
     def close(self) -> None:
-        for code, n in self.counts.items():
-            if n > MAX_REPORTS_PER_CODE:
-                self.report(code, None, f"{n - MAX_REPORTS_PER_CODE:,} more entries break this rule (not listed)")
+        for code, n in self.unlisted.items():
+            self.report(code, None, f"{n:,} more findings of this code in this header (not listed)")
 
 
 def read_raw_header(path: Path, report: Report) -> tuple[bytes, int] | None:
@@ -157,15 +163,18 @@ _SPACE = re.compile(r"[ \t\n\r]*")
 _DECODER = json.JSONDecoder(object_pairs_hook=_object, parse_constant=_constant)
 
 
-def parse_json(raw: bytes, report: Report) -> dict | None:
-    """The header as a dict, or None after reporting why not: ``EXL2-C002`` when it is not UTF-8
-    JSON text of one object (names given twice at any depth, ``NaN``, numbers beyond Python's
-    4300 digits, lone surrogates and nesting deeper than JSON parsing allows included),
-    ``EXL2-C003`` when it holds more than :data:`MAX_TENSORS` tensors, an entry longer than
-    :data:`MAX_ENTRY_CHARS`, or a ``__metadata__`` that is not a map of strings.
+def parse_entries(raw: bytes, data_size: int, report: Report) -> tuple[dict | None, list[Entry]] | None:
+    """``__metadata__`` and the entries of the header ``raw`` (whose file has ``data_size`` bytes
+    after it), or None after reporting why not: ``EXL2-C002`` when it is not UTF-8 JSON text of
+    one object (names given twice at any depth, ``NaN``, numbers beyond Python's 4300 digits, lone
+    surrogates and nesting deeper than JSON parsing allows included), ``EXL2-C003``/``EXL2-C004``
+    for each broken entry (:func:`_entry`), ``EXL2-C003`` for more than :data:`MAX_TENSORS`
+    tensors, an entry longer than :data:`MAX_ENTRY_CHARS` or a ``__metadata__`` that is not a map
+    of strings.
 
     The top level and ``__metadata__`` are walked pair by pair, each entry parsed from a bounded
-    slice, and the walk stops at the first pair over a limit: a hostile header costs no more
+    slice and checked at once (only its :class:`Entry` is kept), and the walk stops at the first
+    pair over a limit or at the :data:`MAX_REPORTS`-th finding: a hostile header costs no more
     time and memory than :data:`MAX_TENSORS` real entries, whatever its 100 MB hold."""
     try:
         text = raw.decode("utf-8")
@@ -173,7 +182,7 @@ def parse_json(raw: bytes, report: Report) -> dict | None:
         report("EXL2-C002", None, f"header is not UTF-8 (byte {e.start})")
         return None
     try:
-        return _walk(text, report)
+        return _walk(text, data_size, report)
     except _Refused as e:
         report("EXL2-C002", None, f"header {e}")
     except RecursionError:
@@ -185,27 +194,33 @@ def parse_json(raw: bytes, report: Report) -> dict | None:
     return None
 
 
-def _walk(text: str, report: Report) -> dict | None:
-    """The top-level object, pair by pair (see :func:`parse_json`)."""
-    header: dict = {}
-    tensors = 0
+def _walk(text: str, data_size: int, report: _Reporter) -> tuple[dict | None, list[Entry]] | None:
+    """The top-level object, pair by pair (see :func:`parse_entries`)."""
+    names: set[str] = set()
+    metadata: dict | None = None
+    entries: list[Entry] = []
     pairs = _Pairs(text, _SPACE.match(text).end(), "header")
     for name, pos in pairs:
-        if name in header:
+        if name in names:
             raise _Refused(f"names {name!r} twice in one object")
+        names.add(name)
         if name == "__metadata__":
-            value, end = _metadata(text, pos, report)
-        elif tensors == MAX_TENSORS:
+            metadata, end = _metadata(text, pos, report)
+        elif len(entries) == MAX_TENSORS:
             report("EXL2-C003", None, f"declares more than {MAX_TENSORS:,} tensors")
             return None
         else:
             value, end = _bounded_value(text, pos, name, report)
-            tensors += 1
+            entry = _entry(name, value, data_size, report) if end is not None else None
+            if entry is not None:
+                entries.append(entry)
         if end is None:
             return None
-        header[name] = value
+        if report.full:
+            report.report("EXL2-C003", None, f"{MAX_REPORTS} broken entries: the rest of the header is not checked")
+            return None
         pairs.end = end
-    return header
+    return metadata, entries
 
 
 class _Pairs:
@@ -289,16 +304,12 @@ def parse_header(path: str | Path, report: Report) -> Header | None:
     if got is None:
         return None
     raw, size = got
-    header = parse_json(raw, rep)
-    if header is None:
-        return None
-    metadata = header.pop("__metadata__", None)
     data_size = size - 8 - len(raw)
-    entries = []
-    for name, value in header.items():
-        entry = _entry(name, value, data_size, rep)
-        if entry is not None:
-            entries.append(entry)
+    parsed = parse_entries(raw, data_size, rep)
+    if parsed is None:
+        rep.close()
+        return None
+    metadata, entries = parsed
     if not rep.failed:
         _check_tiling(entries, data_size, rep)
     rep.close()
