@@ -41,9 +41,10 @@ RAW_VALUES: tuple[str, ...] = ("NaN", "Infinity", "-Infinity", "1" + "0" * 4999,
 #: surrogates are not).
 NAMES: tuple[str, ...] = ("[/]", "[bold red]x[/bold red]", "a b", "\u202eevil", "\x00", "a\x00b", "x\ny", "\x1b[31mred",
                           "\ud800", "x\udcff", "\x7f", "\x85", "", "é中", "." * 300)
-#: Folder and shard names that stress printing and path handling (undecodable bytes come from
-#: ``os.fsdecode`` of raw bytes, as a file system hands them over).
-PATH_NAMES: tuple[str, ...] = ("[/]", "[bold]x[/bold]", "a b", "-rf", "x\ny", "tab\tname", "\u202eevil", "é中",
+#: Folder and shard names that stress printing and path handling (markup cannot close with
+#: ``[/]`` in a name, which holds no slash; undecodable bytes come from ``os.fsdecode`` of raw
+#: bytes, as a file system hands them over).
+PATH_NAMES: tuple[str, ...] = ("[red]x", "[bold]", "[link=x]y", "a b", "-rf", "x\ny", "tab\tname", "\u202eevil", "é中",
                                os.fsdecode(b"bad\xff\xfe"), "~user", "$HOME", "%s%n", "a" * 200)
 
 
@@ -196,17 +197,31 @@ def hostile_files(data: bytes, name: str) -> Iterator[tuple[str, bytes]]:
         yield f"name {new!r}", renamed(data, name, new)
 
 
-def random_file(data: bytes, rng: random.Random) -> bytes:
-    """One hostile variant of ``data`` chosen at random (any tensor, any field, any value)."""
+def _random_name(header: dict, rng: random.Random) -> str:
+    return rng.choice([k for k in header if k != "__metadata__"])
+
+
+def random_raw_header(data: bytes, rng: random.Random) -> bytes:
+    """``data`` with a whole-header attack (:func:`raw_headers`) around a random tensor."""
     header, _ = split(data)
-    name = rng.choice([k for k in header if k != "__metadata__"])
-    kind = rng.randrange(3)
-    if kind == 0:
-        return rng.choice(list(raw_headers(data, name).values()))
-    if kind == 1:
-        field, _ = rng.choice(header_fields(header, name))
-        return wrong_value(data, name, field, rng.choice(JSON_VALUES + RAW_VALUES))
-    return renamed(data, name, rng.choice(NAMES))
+    return rng.choice(list(raw_headers(data, _random_name(header, rng)).values()))
+
+
+def random_wrong_type(data: bytes, rng: random.Random) -> bytes:
+    """``data`` with a random field of a random tensor set to a random hostile JSON value."""
+    header, _ = split(data)
+    name = _random_name(header, rng)
+    field, _ = rng.choice(header_fields(header, name))
+    return wrong_value(data, name, field, rng.choice(JSON_VALUES + RAW_VALUES))
+
+
+def random_renamed(data: bytes, rng: random.Random) -> bytes:
+    """``data`` with a random tensor given a hostile name (:data:`NAMES`), or a hostile string
+    appended to its name (the layer it belongs to stays recognisable)."""
+    header, _ = split(data)
+    name = _random_name(header, rng)
+    hostile = rng.choice(NAMES)
+    return renamed(data, name, hostile if rng.random() < 0.5 else name + hostile)
 
 
 def random_config(text: str, rng: random.Random) -> str:
@@ -223,5 +238,5 @@ def write_text(path: Path, text: str) -> None:
 
 
 __all__ = ["JSON_VALUES", "NAMES", "PATH_NAMES", "RAW_VALUES", "config_fields", "config_with", "empty_objects_header",
-           "header_fields", "hostile_files", "random_config", "random_file", "raw_headers", "renamed", "wrong_value",
-           "write_text"]
+           "header_fields", "hostile_files", "random_config", "random_raw_header", "random_renamed", "random_wrong_type",
+           "raw_headers", "renamed", "wrong_value", "write_text"]
