@@ -265,6 +265,8 @@ def _no_constant(name: str) -> None:
 def campaign(cases: int, seed: int, deep: bool = True, cli: bool = True) -> dict:
     """Run ``cases`` mutated folders through ``validate_path`` and (with ``cli``) the verbs;
     count crashes and contract violations, and time cases."""
+    from .findings import CATALOGUE
+
     rng = random.Random(seed)
     crashes: list[dict] = []
     violations: list[dict] = []
@@ -302,6 +304,7 @@ def campaign(cases: int, seed: int, deep: bool = True, cli: bool = True) -> dict
             "crashes": len(crashes), "violations": len(violations), "seconds": round(seconds, 1),
             "seconds_per_case": round(seconds / max(cases, 1), 4), "slowest_seconds": round(slowest, 4),
             "slowest_kind": slowest_kind, "cases_per_kind": per_kind, "codes_reached": len(codes),
+            "catalogue_codes": len(CATALOGUE),
             "codes_seen": dict(sorted(codes.items())), "crash_details": crashes[:5],
             "violation_details": violations[:5]}
 
