@@ -78,6 +78,8 @@ def shard_files(path: Path) -> list[Path]:
         return files
     if path.suffix != ".safetensors":
         raise ContainerError("is not a .safetensors file or a model folder", file=str(path))
+    if not path.is_file():  # a FIFO or a device would block or never end
+        raise ContainerError("is not a regular file", file=str(path))
     return [path]
 
 

@@ -171,6 +171,14 @@ def test_row_nothing_to_read_exits_2(tmp_path, how):
         one_line(invoke(*args), 2, path.name)
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_row_special_file_is_not_read(tmp_path):
+    fifo = tmp_path / "pipe.safetensors"
+    os.mkfifo(fifo)  # opening it for reading would block forever
+    for args in (["validate", fifo], ["inspect", fifo], ["dequantize", fifo, "-o", out_of(tmp_path)]):
+        one_line(invoke(*args), 2, "pipe.safetensors", "not a regular file")
+
+
 def test_row_unreadable_file_exits_2(model, tmp_path, monkeypatch):
     def denied(*a, **k):
         raise PermissionError(13, "Permission denied")
