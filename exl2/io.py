@@ -281,6 +281,11 @@ def _remove(path: Path) -> None:
             path.unlink()
 
 
+def unwritable(error: OSError, target: str | os.PathLike) -> UsageError:
+    """The one-line error for an output the system refuses to write (no space, no permission)."""
+    return UsageError(f"cannot be written ({error.strerror or type(error).__name__})", file=str(target))
+
+
 def _check_parents(target: Path) -> None:
     for parent in [target.parent, *target.parent.parents]:
         if parent.exists():
@@ -331,14 +336,14 @@ def atomic_path(target: str | os.PathLike, suffix: str = "", *, folder: bool = F
             tmp = Path(name)
             os.chmod(tmp, 0o666 & ~UMASK)
     except OSError as e:
-        raise UsageError(f"cannot be written ({e.strerror or type(e).__name__})", file=str(target)) from None
+        raise unwritable(e, target) from None
     try:
         yield tmp
         try:
             fsync_tree(tmp)
             _replace(tmp, target)
         except OSError as e:
-            raise UsageError(f"cannot be written ({e.strerror or type(e).__name__})", file=str(target)) from None
+            raise unwritable(e, target) from None
     except BaseException:
         _remove(tmp)
         raise
@@ -407,7 +412,7 @@ class SafetensorsWriter:
             self._file.write(self._header)
         except OSError as e:
             self._ctx.__exit__(type(e), e, None)
-            raise UsageError(f"cannot be written ({e.strerror or type(e).__name__})", file=str(self.path)) from None
+            raise unwritable(e, self.path) from None
         return self
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
@@ -422,7 +427,7 @@ class SafetensorsWriter:
         try:
             self._file.write(t.reshape(-1).view(torch.uint8).numpy().data if t.numel() else b"")
         except OSError as e:  # a full disk, a quota
-            raise UsageError(f"cannot be written ({e.strerror or type(e).__name__})", file=str(self.path)) from None
+            raise unwritable(e, self.path) from None
         self._next += 1
 
     def __exit__(self, exc_type, exc, tb) -> bool:
