@@ -100,6 +100,16 @@ def test_row_header_breaks_a_rule_exits_1_everywhere(model, tmp_path, label):
     assert {f["code"] for f in report["findings"]} & {"EXL2-C002", "EXL2-C003", "EXL2-C004"}
 
 
+def test_header_of_empty_objects_exits_1_everywhere(model, tmp_path):
+    from exl2.conformance.hostile import empty_objects_header
+
+    weights(model).write_bytes(empty_objects_header(2_000_000))
+    for args in (["inspect", model], ["dequantize", model, "-o", out_of(tmp_path)]):
+        one_line(invoke(*args), 1, "EXL2-C003")
+    r = invoke("validate", model, "--json")
+    assert r.exit_code == 1 and len(json.loads(r.stdout)["findings"]) < 110
+
+
 @pytest.mark.parametrize("name,code", [("model.norm.weight\x00", "EXL2-C003"), ("model.norm\x1b[31m", "EXL2-C003"),
                                        ("model.norm\ud800", "EXL2-C002"), ("x\ny", "EXL2-C003")])
 def test_row_bad_tensor_name_exits_1_and_is_printed_escaped(model, tmp_path, name, code):
@@ -290,6 +300,12 @@ def test_row_request_that_cannot_be_carried_out_exits_2(model, tmp_path):
     tensors[LAYER + ".weight"] = torch.zeros(2, dtype=torch.float16)
     save_tensors(weights(model), tensors)
     one_line(invoke("dequantize", model, "-o", out_of(tmp_path)), 2, LAYER + ".weight")
+
+
+def test_row_quantize_target_out_of_range_exits_2(tmp_path):
+    """Issue 12: a bpw outside the range is misuse, but exited 1 (a plain Exl2Error is now 2)."""
+    one_line(invoke("quantize", tmp_path / "no-source", "-o", tmp_path / "q", "-b", "9"), 2, "outside 2.0..8.5")
+    assert not (tmp_path / "q").exists()
 
 
 def test_row_no_layer_to_dequantize_exits_2(tmp_path):
