@@ -6,14 +6,20 @@ command is misused; docs/validating.md has the table)."""
 from __future__ import annotations
 
 
+#: Longest text shown from a file: longer strings keep their start and end around a count.
+MAX_SHOWN = 1000
+
+
 def printable(text: object) -> str:
     """``text`` as one printable line: controls, line breaks, lone surrogates (from undecodable
     file names or JSON escapes) and every other character Python does not count as printable
     (format characters such as U+202E reorder a terminal's line) escaped as ``\\xNN``,
     ``\\uNNNN`` or ``\\UNNNNNNNN``. Every string that comes from a file goes through this before
     it is printed, so that it can neither break the one-line contract, raise UnicodeEncodeError,
-    nor drive the terminal."""
+    nor drive the terminal. Text longer than :data:`MAX_SHOWN` keeps its start and end."""
     s = str(text)
+    if len(s) > MAX_SHOWN:  # a 100 MB tensor name is legal; a 100 MB error line is not useful
+        s = f"{s[:MAX_SHOWN - 200]}...({len(s) - MAX_SHOWN + 100:,} characters)...{s[-100:]}"
     if s.isprintable():
         return s
     return "".join(c if c.isprintable() else _escape(c) for c in s)

@@ -86,7 +86,7 @@ def _object(pairs: list[tuple[str, object]]) -> dict:
     if len(obj) != len(pairs):
         seen: set[str] = set()
         dup = next(k for k, _ in pairs if k in seen or seen.add(k))
-        raise _Refused(f"names {dup!r} twice in one object")
+        raise _Refused(f"names {_short(dup)} twice in one object")
     for k in obj:
         if not k.isascii():
             _no_surrogate(k)
@@ -98,7 +98,7 @@ def _no_surrogate(s: str) -> None:
         try:
             s.encode("utf-8")
         except UnicodeEncodeError:
-            raise _Refused(f"holds a lone surrogate in {s!r} (not Unicode; the safetensors library "
+            raise _Refused(f"holds a lone surrogate in {_short(s)} (not Unicode; the safetensors library "
                            f"refuses it)") from None
 
 
@@ -202,7 +202,7 @@ def _walk(text: str, data_size: int, report: _Reporter) -> tuple[dict | None, li
     pairs = _Pairs(text, _SPACE.match(text).end(), "header")
     for name, pos in pairs:
         if name in names:
-            raise _Refused(f"names {name!r} twice in one object")
+            raise _Refused(f"names {_short(name)} twice in one object")
         names.add(name)
         if name == "__metadata__":
             metadata, end = _metadata(text, pos, report)
@@ -284,7 +284,7 @@ def _metadata(text: str, pos: int, report: Report) -> tuple[dict | None, int | N
     pairs = _Pairs(text, pos, "__metadata__")
     for key, at in pairs:
         if key in meta:
-            raise _Refused(f"names {key!r} twice in one object")
+            raise _Refused(f"names {_short(key)} twice in one object")
         if len(meta) == MAX_METADATA or not text.startswith('"', at):
             report("EXL2-C003", None, f"__metadata__ must map strings to strings (at most {MAX_METADATA:,})")
             return None, None

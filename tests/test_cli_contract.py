@@ -124,6 +124,13 @@ def test_row_bad_tensor_name_exits_1_and_is_printed_escaped(model, tmp_path, nam
         assert "\x1b" not in r.stdout and "\x00" not in r.stdout
 
 
+def test_very_long_name_gives_a_short_line(model, tmp_path):
+    w = weights(model)
+    w.write_bytes(renamed(w.read_bytes(), "model.norm.weight", "n" * 50_000 + "\x00"))
+    line = one_line(invoke("inspect", model), 1, "EXL2-C003", "characters)")
+    assert len(line) < 1500
+
+
 def test_row_tensor_in_two_shards_exits_1(model, tmp_path):
     save_tensors(model / "output-extra.safetensors", {"model.norm.weight": torch.ones(128, dtype=torch.float16)})
     one_line(invoke("inspect", model), 1, "model.norm.weight", "EXL2-C006")
