@@ -19,6 +19,7 @@ import shutil
 import struct
 import sys
 import tempfile
+import threading
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,9 +107,14 @@ class Model(Mapping[str, torch.Tensor]):
                 self.tensors[e.name] = TensorInfo(e.name, f, e.dtype, e.shape, header.data_start + e.begin,
                                                   e.end - e.begin)
         self._open: tuple[Path, object] | None = None  # the one file kept open: (path, file object)
+        self._lock = threading.Lock()  # reads from several threads share that file's position
 
     def close(self) -> None:
         """Close the open file, if any (the model stays usable: the next read reopens it)."""
+        with self._lock:
+            self._close()
+
+    def _close(self) -> None:
         if self._open is not None:
             self._open[1].close()
             self._open = None
@@ -121,7 +127,7 @@ class Model(Mapping[str, torch.Tensor]):
 
     def __del__(self) -> None:
         with contextlib.suppress(Exception):
-            self.close()
+            self._close()
 
     @functools.cached_property
     def config(self) -> dict:
@@ -153,9 +159,10 @@ class Model(Mapping[str, torch.Tensor]):
         info = self.tensors[name]
         buf = torch.empty(info.nbytes, dtype=torch.uint8)
         try:
-            f = self._file(info.file)
-            f.seek(info.offset)
-            got = f.readinto(memoryview(buf.numpy())) if info.nbytes else 0
+            with self._lock:
+                f = self._file(info.file)
+                f.seek(info.offset)
+                got = f.readinto(memoryview(buf.numpy())) if info.nbytes else 0
         except OSError as e:
             raise ContainerError(f"cannot be read ({e.strerror or type(e).__name__})", file=str(info.file),
                                  tensor=name) from None
@@ -168,7 +175,7 @@ class Model(Mapping[str, torch.Tensor]):
 
     def _file(self, path: Path):
         if self._open is None or self._open[0] != path:
-            self.close()
+            self._close()
             self._open = (path, open(path, "rb"))
         return self._open[1]
 

@@ -213,6 +213,28 @@ def test_model_keeps_at_most_one_file_open_and_closes_it(tmp_path):
     assert not any(str(f) in open_fds() for f in files)
 
 
+def test_model_reads_from_several_threads(tmp_path):
+    expected = {}
+    for i in range(2):
+        t = {f"s{i}.t{j}": torch.arange(1000, dtype=torch.int32) * (i * 10 + j) for j in range(8)}
+        save_tensors(tmp_path / f"output-0000{i + 1}-of-00002.safetensors", t)
+        expected |= t
+    bad = []
+    with Model(tmp_path) as m:
+        def read(k):
+            for _ in range(20):
+                for name in (sorted(expected) if k % 2 else sorted(expected, reverse=True)):
+                    if not torch.equal(m[name], expected[name]):
+                        bad.append(name)
+
+        threads = [threading.Thread(target=read, args=(k,)) for k in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert bad == []
+
+
 def test_tensor_in_two_shards_is_a_rule(tmp_path):
     save_tensors(tmp_path / "a.safetensors", {"x": torch.zeros(1)})
     save_tensors(tmp_path / "b.safetensors", {"x": torch.zeros(1)})
