@@ -120,7 +120,7 @@ def test_row_bad_tensor_name_exits_1_and_is_printed_escaped(model, tmp_path, nam
         assert "\x1b" not in line and "\x00" not in line
     for args in (["validate", model], ["validate", model, "--json"]):
         r = invoke(*args)
-        assert r.exit_code == 1 and r.exception is None or isinstance(r.exception, SystemExit), r.output
+        assert r.exit_code == 1 and (r.exception is None or isinstance(r.exception, SystemExit)), r.output
         assert "\x1b" not in r.stdout and "\x00" not in r.stdout
 
 
