@@ -304,7 +304,7 @@ def campaign(cases: int, seed: int, deep: bool = True, cli: bool = True) -> dict
             "crashes": len(crashes), "violations": len(violations), "seconds": round(seconds, 1),
             "seconds_per_case": round(seconds / max(cases, 1), 4), "slowest_seconds": round(slowest, 4),
             "slowest_kind": slowest_kind, "cases_per_kind": per_kind, "codes_reached": len(codes),
-            "catalogue_codes": len(CATALOGUE),
+            "catalogue_codes": len(CATALOGUE), "codes_not_reached": ", ".join(sorted(set(CATALOGUE) - set(codes))),
             "codes_seen": dict(sorted(codes.items())), "crash_details": crashes[:5],
             "violation_details": violations[:5]}
 
