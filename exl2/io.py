@@ -144,8 +144,6 @@ class Model(Mapping[str, torch.Tensor]):
             raise FormatError("is not valid JSON [EXL2-K001]", file=str(cfg)) from None
         if not isinstance(data, dict):
             raise FormatError(f"is a JSON {type(data).__name__}, not an object [EXL2-K001]", file=str(cfg))
-        if _deeper_than(data, MAX_CONFIG_DEPTH):  # printing or walking it again would exhaust the stack
-            raise FormatError(f"is nested deeper than {MAX_CONFIG_DEPTH} levels [EXL2-K001]", file=str(cfg))
         return data
 
     @property
@@ -209,22 +207,6 @@ class Model(Mapping[str, torch.Tensor]):
     def qmatrices(self) -> Iterator[tuple[str, QMatrix]]:
         for key in self.layer_keys():
             yield key, self.qmatrix(key)
-
-
-#: Deepest config.json read (real ones nest 3 or 4 levels).
-MAX_CONFIG_DEPTH = 64
-
-
-def _deeper_than(value: object, limit: int) -> bool:
-    """Whether ``value`` (parsed JSON) nests lists and objects more than ``limit`` deep; iterative."""
-    stack = [(value, 1)]
-    while stack:
-        v, depth = stack.pop()
-        if isinstance(v, (dict, list)):
-            if depth > limit:
-                return True
-            stack.extend((x, depth + 1) for x in (v.values() if isinstance(v, dict) else v))
-    return False
 
 
 def open_model(path: str | os.PathLike) -> Model:

@@ -404,6 +404,18 @@ def test_json_output_escapes_names_no_encoding_can_print(base, tmp_path):
     assert r.returncode == 0 and b"Traceback" not in r.stderr
 
 
+def test_deep_config_is_shown_as_a_note_not_an_error(model):
+    """Nesting that JSON parsing allows is legal (validate finds nothing): inspect must not fail,
+    nor exhaust the stack printing it."""
+    cfg = json.loads((model / "config.json").read_text())
+    cfg["quantization_config"]["notes"] = json.loads("[" * 900 + "]" * 900)  # a key readers ignore
+    (model / "config.json").write_text(json.dumps(cfg))
+    assert invoke("validate", model).exit_code == 0
+    for args in (["inspect", model], ["inspect", model, "--json"]):
+        r = invoke(*args)
+        assert r.exit_code == 0 and "nested deeper than 64 levels" in r.stdout, r.output
+
+
 def test_json_output_is_strict_json_when_the_config_holds_nan(model):
     cfg = json.loads((model / "config.json").read_text())
     cfg["quantization_config"]["calibration"]["rows"] = float("nan")

@@ -259,7 +259,7 @@ def test_config_that_is_not_an_object_is_a_rule(tmp_path):
     (tmp_path / "config.json").write_text("[1, 2]")
     with pytest.raises(FormatError, match="EXL2-K001"):
         Model(tmp_path).config
-    (tmp_path / "config.json").write_text("[" * 100_000 + "]" * 100_000)
+    (tmp_path / "config.json").write_text("[" * 100_000 + "]" * 100_000)  # beyond what JSON parsing allows
     with pytest.raises(FormatError, match="EXL2-K001"):
         Model(tmp_path).config
 

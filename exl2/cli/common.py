@@ -27,6 +27,23 @@ def plain(value: object) -> Text:
     return Text(printable(value))
 
 
+#: Deepest JSON value from a file that the verbs print: deeper ones (legal JSON, but hostile)
+#: would exhaust the stack of a recursive printer.
+MAX_SHOWN_DEPTH = 64
+
+
+def nested_deeper_than(value: object, limit: int = MAX_SHOWN_DEPTH) -> bool:
+    """Whether ``value`` (parsed JSON) nests lists and objects more than ``limit`` deep; iterative."""
+    stack = [(value, 1)]
+    while stack:
+        v, depth = stack.pop()
+        if isinstance(v, (dict, list)):
+            if depth > limit:
+                return True
+            stack.extend((x, depth + 1) for x in (v.values() if isinstance(v, dict) else v))
+    return False
+
+
 def json_text(data: object) -> str:
     """``data`` as strict JSON text for stdout: non-finite floats (a config.json may hold NaN)
     become null, and every non-ASCII character, lone surrogates of undecodable file names

@@ -12,7 +12,7 @@ from ..errors import Exl2Error
 from ..format import WIDTHS
 from ..io import Model, open_model
 from . import app
-from .common import console, json_text, plain
+from .common import MAX_SHOWN_DEPTH, console, json_text, nested_deeper_than, plain
 
 
 def describe(model: Model) -> dict:
@@ -46,9 +46,17 @@ def describe(model: Model) -> dict:
             "bpw": q_bits / q_weights if q_weights else None,
             "other_tensors": len(other),
             "bytes": total_bytes,
-            "quantization_config": model.quantization_config,
+            "quantization_config": shown(model.quantization_config),
         },
     }
+
+
+def shown(value: object) -> object:
+    """A JSON value from config.json as inspect shows it: itself, or a note when it nests too
+    deep to print (legal JSON, so not an error)."""
+    if nested_deeper_than(value):
+        return f"(not shown: nested deeper than {MAX_SHOWN_DEPTH} levels)"
+    return value
 
 
 @app.command("inspect")
