@@ -31,7 +31,7 @@ SENTINEL = "\x00@hostile@\x00"
 JSON_VALUES: tuple[str, ...] = (
     "null", "true", "false", "0", "-1", "1.5", "-0.0", "1e308", "1e999", "18446744073709551616",
     "1" + "0" * 30, '""', '"F16"', '"x"', '"[/]"', '"[bold red]x[/]"', r'"\ud800"', r'"\u0000"', r'"\u001b[31m"',
-    "[]", "{}", "[[]]", "[1, 2]", '{"a": {}}', '["F16"]', "[" * 50 + "]" * 50,
+    "[]", "{}", "[[]]", "[1, 2]", '{"a": {}}', '["F16"]', "[" * 50 + "]" * 50, "[" * 900 + "]" * 900,
 )
 #: Raw JSON text no strict parser accepts, tried at every field too (the last one is a real lone
 #: surrogate, written as the invalid UTF-8 bytes ``surrogatepass`` gives).
