@@ -213,6 +213,15 @@ def test_model_keeps_at_most_one_file_open_and_closes_it(tmp_path):
     assert not any(str(f) in open_fds() for f in files)
 
 
+def in_threads(fn, n: int) -> None:
+    """Run ``fn(0) .. fn(n - 1)`` at once, each in its own thread, and wait for all."""
+    threads = [threading.Thread(target=fn, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
 def test_model_reads_from_several_threads(tmp_path):
     expected = {}
     for i in range(2):
@@ -227,11 +236,7 @@ def test_model_reads_from_several_threads(tmp_path):
                     if not torch.equal(m[name], expected[name]):
                         bad.append(name)
 
-        threads = [threading.Thread(target=read, args=(k,)) for k in range(4)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        in_threads(read, 4)
     assert bad == []
 
 
@@ -396,11 +401,7 @@ def test_modes_follow_the_umask_without_changing_it(tmp_path, monkeypatch):
             (tmp / "x").write_bytes(b"x")
         results.append(i)
 
-    threads = [threading.Thread(target=write, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    in_threads(write, 4)
     assert sorted(results) == [0, 1, 2, 3]
     for i in range(4):
         assert (tmp_path / f"{i}.safetensors").stat().st_mode & 0o777 == 0o666 & ~exl2_io.UMASK
