@@ -1,9 +1,12 @@
 """Reading and writing EXL2 files (spec 2): safetensors only, never pickle.
 
 Reading is lazy: :class:`Model` indexes the headers of every ``*.safetensors`` file of a folder
-(or one file) and loads a tensor only when asked, through memory-mapped ``safe_open``.
-Writing is atomic: bytes go to a temporary file beside the target, which is renamed into place
-only once complete, so an interrupted or failed write leaves nothing at the target.
+(or one file) with the strict parser :func:`exl2.header.parse_header` (the validator's), and reads
+a tensor's bytes only when asked, at the offsets that parser checked. It holds at most one open
+file; ``close()`` (or ``with``) releases it.
+Writing is atomic: bytes go to a temporary file or folder beside the target, fsynced, and renamed
+into place only once complete; a folder being replaced is first renamed aside and removed only
+after the new one is in place, so a failure at any step leaves either the old or the new target.
 """
 
 from __future__ import annotations
@@ -12,60 +15,57 @@ import contextlib
 import functools
 import json
 import os
+import shutil
 import struct
+import sys
 import tempfile
+import threading
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
-from .errors import ContainerError, Exl2Error, FormatError
+from .errors import ContainerError, Exl2Error, FormatError, UsageError
+from .header import DTYPE_SIZES, Header, parse_header
+from .layer_rules import layer_keys
 from .qmatrix import QMatrix
 
 #: safetensors dtype names and torch dtypes.
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
+    "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64, "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
 DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
-
-#: Largest safetensors header this package reads (the format's own reference limit is 100 MB).
-MAX_HEADER_BYTES = 100_000_000
 
 
 @dataclass(frozen=True)
 class TensorInfo:
-    """Where a tensor lives, from its file's header."""
+    """Where a tensor lives, from its file's header: ``offset`` is the file position of its
+    first byte, ``nbytes`` its length."""
 
     name: str
     file: Path
     dtype: str
     shape: tuple[int, ...]
+    offset: int = 0
+    nbytes: int = 0
 
 
-def read_header(path: Path) -> tuple[dict, int]:
-    """The JSON header of a safetensors file and the offset where its data begins. Reads only the
-    header's bytes, after checking its declared length against the file size."""
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise ContainerError("is too short to be a safetensors file", file=str(path))
-            (n,) = struct.unpack("<Q", head)
-            if n > min(MAX_HEADER_BYTES, size - 8):
-                raise ContainerError(f"declares a {n}-byte header in a {size}-byte file", file=str(path))
-            header = json.loads(f.read(n))
-    except OSError as e:
-        raise ContainerError(f"cannot be read ({e.strerror})", file=str(path)) from None
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise ContainerError("has a header that is not valid JSON", file=str(path)) from None
-    if not isinstance(header, dict):
-        raise ContainerError("has a header that is not a JSON object", file=str(path))
-    return header, 8 + n
+def read_header(path: str | os.PathLike) -> Header:
+    """The checked header of a safetensors file (:func:`exl2.header.parse_header`). Raises
+    :class:`FormatError` naming the file and tensor at the first broken rule of spec 2.2, with its
+    finding code, and :class:`ContainerError` when the file cannot be read."""
+    path = Path(path)
+
+    def refuse(code: str, tensor: str | None, message: str) -> None:
+        raise FormatError(f"{message} [{code}]", file=str(path), tensor=tensor)
+
+    header = parse_header(path, refuse)
+    assert header is not None  # refuse() raised otherwise
+    return header
 
 
 def shard_files(path: Path) -> list[Path]:
@@ -80,6 +80,8 @@ def shard_files(path: Path) -> list[Path]:
         return files
     if path.suffix != ".safetensors":
         raise ContainerError("is not a .safetensors file or a model folder", file=str(path))
+    if not path.is_file():  # a FIFO or a device would block or never end
+        raise ContainerError("is not a regular file", file=str(path))
     return [path]
 
 
@@ -90,23 +92,43 @@ def config_path(path: Path) -> Path:
 
 class Model(Mapping[str, torch.Tensor]):
     """A model folder or a single safetensors file, read lazily. A read-only mapping from tensor
-    name to tensor; ``config`` is ``config.json`` (``{}`` when there is none)."""
+    name to tensor; ``config`` is ``config.json`` (``{}`` when there is none). Use it in a
+    ``with`` block, or call :meth:`close`, to release the open file."""
 
     def __init__(self, path: str | os.PathLike, files: list[Path] | None = None) -> None:
         self.path = Path(path)
         self.files = shard_files(self.path) if files is None else files
         self.tensors: dict[str, TensorInfo] = {}
         for f in self.files:
-            header, _ = read_header(f)
-            for name, entry in header.items():
-                if name == "__metadata__":
-                    continue
-                if not isinstance(entry, dict) or not isinstance(entry.get("shape"), list):
-                    raise ContainerError("has a malformed header entry", file=str(f), tensor=name)
-                if name in self.tensors:
-                    raise ContainerError(f"is also in {self.tensors[name].file.name}", file=str(f), tensor=name)
-                self.tensors[name] = TensorInfo(name, f, str(entry.get("dtype")), tuple(entry["shape"]))
-        self._handles: dict[Path, object] = {}
+            header = read_header(f)
+            for e in header.entries:
+                if e.name in self.tensors:
+                    raise FormatError(f"is also in {self.tensors[e.name].file.name} [EXL2-C006]", file=str(f),
+                                      tensor=e.name)
+                self.tensors[e.name] = TensorInfo(e.name, f, e.dtype, e.shape, header.data_start + e.begin,
+                                                  e.end - e.begin)
+        self._open: tuple[Path, object] | None = None  # the one file kept open: (path, file object)
+        self._lock = threading.Lock()  # reads from several threads share that file's position
+
+    def close(self) -> None:
+        """Close the open file, if any (the model stays usable: the next read reopens it)."""
+        with self._lock:
+            self._close()
+
+    def _close(self) -> None:
+        if self._open is not None:
+            self._open[1].close()
+            self._open = None
+
+    def __enter__(self) -> "Model":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self._close()
 
     @functools.cached_property
     def config(self) -> dict:
@@ -118,10 +140,12 @@ class Model(Mapping[str, torch.Tensor]):
         if not cfg.is_file():
             return {}
         try:
-            data = json.loads(cfg.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-            raise ContainerError("is not valid JSON", file=str(cfg)) from None
-        return data if isinstance(data, dict) else {}
+            data = json.loads(cfg.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+            raise FormatError("is not valid JSON [EXL2-K001]", file=str(cfg)) from None
+        if not isinstance(data, dict):
+            raise FormatError(f"is a JSON {type(data).__name__}, not an object [EXL2-K001]", file=str(cfg))
+        return data
 
     @property
     def quantization_config(self) -> dict | None:
@@ -132,14 +156,27 @@ class Model(Mapping[str, torch.Tensor]):
 
     def __getitem__(self, name: str) -> torch.Tensor:
         info = self.tensors[name]
+        buf = torch.empty(info.nbytes, dtype=torch.uint8)
         try:
-            handle = self._handles.get(info.file)
-            if handle is None:
-                handle = self._handles[info.file] = safe_open(str(info.file), framework="pt")
-            return handle.get_tensor(name)
-        except Exception as e:  # safetensors raises its own error types
-            raise ContainerError(f"cannot be read: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
-                                 file=str(info.file), tensor=name) from None
+            with self._lock:
+                f = self._file(info.file)
+                f.seek(info.offset)
+                got = f.readinto(memoryview(buf.numpy())) if info.nbytes else 0
+        except OSError as e:
+            raise ContainerError(f"cannot be read ({e.strerror or type(e).__name__})", file=str(info.file),
+                                 tensor=name) from None
+        if got != info.nbytes:  # the file shrank since its header was read
+            raise ContainerError(f"cannot be read: {got} of its {info.nbytes} bytes are in the file",
+                                 file=str(info.file), tensor=name)
+        if sys.byteorder == "big" and DTYPE_SIZES[info.dtype] > 1:  # safetensors stores little-endian values
+            buf = buf.view(-1, DTYPE_SIZES[info.dtype]).flip(-1).reshape(-1)
+        return buf.view(DTYPES[info.dtype]).reshape(info.shape)
+
+    def _file(self, path: Path):
+        if self._open is None or self._open[0] != path:
+            self._close()
+            self._open = (path, open(path, "rb"))
+        return self._open[1]
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.tensors)
@@ -153,8 +190,10 @@ class Model(Mapping[str, torch.Tensor]):
     # -- layers ----------------------------------------------------------------------------
 
     def layer_keys(self) -> list[str]:
-        """Prefixes of the quantized layers (every ``K`` with a ``K.q_weight``), in file order."""
-        return [n[: -len(".q_weight")] for n in self.tensors if n.endswith(".q_weight")]
+        """Prefixes of the quantized layers, in file order: every ``K`` with one of the layer's own
+        tensors (:func:`exl2.layer_rules.layer_keys`), so that a layer which lost its q_weight is
+        refused by :meth:`qmatrix` rather than skipped."""
+        return layer_keys(self.tensors)
 
     def layer_tensor_names(self, key: str) -> list[str]:
         return [n for n in self.tensors if n.startswith(key + ".") and "." not in n[len(key) + 1:]]
@@ -181,29 +220,150 @@ def open_model(path: str | os.PathLike) -> Model:
 # -- writing -------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def atomic_path(target: str | os.PathLike, suffix: str = ""):
-    """Yield a temporary path beside ``target``; on success rename it onto ``target``, on any
-    error remove it. Works for files and folders."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix + ".tmp", dir=target.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp makes 0600; the result should look like any new file
-    try:
-        yield tmp_path
-        os.replace(tmp_path, target)
-    except BaseException:
-        if tmp_path.is_dir():
-            import shutil
+def _read_umask() -> int:
+    """The process's umask, read once at import: from /proc where Linux offers it, else by the
+    only portable means, setting and restoring it (before any thread of ours exists)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
-            shutil.rmtree(tmp_path, ignore_errors=True)
+
+#: The umask at import: new files get 0o666 & ~UMASK, new folders 0o777 & ~UMASK, as ``open`` and
+#: ``mkdir`` would give them (``mkstemp``/``mkdtemp`` make them private).
+UMASK = _read_umask()
+
+
+def fsync_tree(path: Path) -> None:
+    """Flush ``path`` (a file, or a folder and everything in it) to the disk."""
+    if path.is_dir() and not path.is_symlink():
+        for child in path.iterdir():
+            fsync_tree(child)
+        _fsync_dir(path)
+    elif path.is_file():
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    """Flush a folder's entries (the renames in it); a no-op where folders cannot be opened."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+
+def unwritable(error: OSError, target: str | os.PathLike) -> UsageError:
+    """The one-line error for an output the system refuses to write (no space, no permission)."""
+    return UsageError(f"cannot be written ({error.strerror or type(error).__name__})", file=str(target))
+
+
+def _check_parents(target: Path) -> None:
+    for parent in [target.parent, *target.parent.parents]:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UsageError(f"cannot be written: {parent} is not a folder", file=str(target))
+            return
+
+
+def check_writable(target: str | os.PathLike, *, folder: bool) -> None:
+    """Refuse with :class:`UsageError`, before anything is written, an output ``target`` under a
+    path that is not a folder, or of the other kind (a folder where a file is to be written, or
+    the reverse): replacing it would destroy what the user did not ask to replace."""
+    target = Path(target)
+    _check_parents(target)
+    if target.is_dir() and not folder:
+        raise UsageError("is a folder; give the name of a file to write", file=str(target))
+    if target.exists() and not target.is_dir() and folder:
+        raise UsageError("is a file; give the name of a folder to write", file=str(target))
+
+
+@contextlib.contextmanager
+def atomic_path(target: str | os.PathLike, suffix: str = "", *, folder: bool = False):
+    """Yield a temporary path beside ``target``: a new empty file, or with ``folder`` a new empty
+    folder. When the block succeeds, its contents are fsynced and it is renamed onto ``target``;
+    on any error it is removed and ``target`` is untouched.
+
+    A folder that already exists at ``target`` is renamed aside first, the new one renamed into
+    place, and only then the old one removed; if the second rename fails the old one is renamed
+    back. A file target is replaced by one atomic rename. A target of the other kind (a folder
+    where a file is asked for, or the reverse) is never replaced: with ``folder`` it is refused
+    before anything is written (:func:`check_writable`), otherwise at the rename, when the caller
+    has made the temporary path a folder itself. A place that cannot be written raises
+    :class:`UsageError`."""
+    target = Path(target)
+    if folder:
+        check_writable(target, folder=True)
+    else:
+        _check_parents(target)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        prefix, tmp_suffix = f".{target.name}.", suffix + ".tmp"
+        if folder:
+            tmp = Path(tempfile.mkdtemp(prefix=prefix, suffix=tmp_suffix, dir=target.parent))
+            os.chmod(tmp, 0o777 & ~UMASK)
         else:
-            tmp_path.unlink(missing_ok=True)
+            fd, name = tempfile.mkstemp(prefix=prefix, suffix=tmp_suffix, dir=target.parent)
+            os.close(fd)
+            tmp = Path(name)
+            os.chmod(tmp, 0o666 & ~UMASK)
+    except OSError as e:
+        raise unwritable(e, target) from None
+    try:
+        yield tmp
+        try:
+            fsync_tree(tmp)
+            _replace(tmp, target)
+        except OSError as e:
+            raise unwritable(e, target) from None
+    except BaseException:
+        _remove(tmp)
         raise
+
+
+def _replace(new: Path, target: Path) -> None:
+    """Rename ``new`` onto ``target``, never losing both: an existing folder (which a rename
+    cannot replace) is moved aside first and removed last. Never replaces one kind by the other."""
+    if target.exists() and new.is_dir() != target.is_dir():
+        raise UsageError(f"is a {'folder' if target.is_dir() else 'file'}; it is not replaced by a "
+                         f"{'folder' if new.is_dir() else 'file'}", file=str(target))
+    if not (target.is_dir() and not target.is_symlink()):
+        os.replace(new, target)
+        _fsync_dir(target.parent)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
+    try:
+        os.replace(target, old)  # onto the empty folder mkdtemp made: a folder may replace an empty one
+    except BaseException:
+        old.rmdir()
+        raise
+    try:
+        os.replace(new, target)
+    except BaseException:
+        os.replace(old, target)
+        raise
+    _fsync_dir(target.parent)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 class SafetensorsWriter:
@@ -236,10 +396,15 @@ class SafetensorsWriter:
         self._next = 0
 
     def __enter__(self) -> "SafetensorsWriter":
+        check_writable(self.path, folder=False)
         self._ctx = atomic_path(self.path)
         self._tmp = self._ctx.__enter__()
-        self._file = open(self._tmp, "wb")
-        self._file.write(self._header)
+        try:
+            self._file = open(self._tmp, "wb")
+            self._file.write(self._header)
+        except OSError as e:
+            self._ctx.__exit__(type(e), e, None)
+            raise unwritable(e, self.path) from None
         return self
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
@@ -251,7 +416,10 @@ class SafetensorsWriter:
         if tensor.dtype != dtype or tuple(tensor.shape) != shape:
             raise ValueError(f"tensor {name} is {tensor.dtype} {list(tensor.shape)}, declared {dtype} {list(shape)}")
         t = tensor.detach().to("cpu").contiguous()
-        self._file.write(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        try:
+            self._file.write(t.reshape(-1).view(torch.uint8).numpy().data if t.numel() else b"")
+        except OSError as e:  # a full disk, a quota
+            raise unwritable(e, self.path) from None
         self._next += 1
 
     def __exit__(self, exc_type, exc, tb) -> bool:
@@ -277,5 +445,5 @@ def save_qmatrix(path: str | os.PathLike, qm: QMatrix, key: str) -> None:
     save_tensors(path, qm.to_tensors(key))
 
 
-__all__ = ["DTYPES", "FormatError", "Model", "SafetensorsWriter", "TensorInfo", "atomic_path", "open_model",
-           "read_header", "save_qmatrix", "save_tensors", "shard_files"]
+__all__ = ["DTYPES", "FormatError", "Model", "SafetensorsWriter", "TensorInfo", "atomic_path", "check_writable",
+           "fsync_tree", "open_model", "read_header", "save_qmatrix", "save_tensors", "shard_files"]

@@ -52,9 +52,8 @@ class Exl2Linear(nn.Module):
         key = tuple((t.data_ptr(), t._version) for t in tensors) + (self.q_weight.device,)
         cached = getattr(self, "_qm_cache", None)
         if cached is None or cached[0] != key:
-            # the file's bias may be padded to q_weight's width (spec 3.3); the product uses out_features of it
-            bias = None if self.bias is None else self.bias[: self.out_features]
-            qm = QMatrix(*(getattr(self, n) for n in LAYER_TENSORS), bias=bias, out_features=self.out_features)
+            # the bias is stored padded to q_weight's width (spec 3.3); QMatrix.output_bias is its first N
+            qm = QMatrix(*(getattr(self, n) for n in LAYER_TENSORS), bias=self.bias, out_features=self.out_features)
             cached = (key, qm)
             self._qm_cache = cached
         return cached[1]
@@ -102,8 +101,8 @@ class Exl2Linear(nn.Module):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"x has {x.shape[-1]} features, the layer takes {self.in_features}")
         y = x.to(torch.float32) @ cached[1].to(torch.float32)
-        if qm.bias is not None:
-            y = y + qm.bias.to(torch.float32)
+        if qm.output_bias is not None:
+            y = y + qm.output_bias.to(torch.float32)
         return y.to(x.dtype)
 
     def extra_repr(self) -> str:

@@ -199,15 +199,15 @@ def bad_input(how: str, folder: Path, tmp_path: Path) -> tuple[Path, list[str], 
     if how == "garbage bytes":
         p = tmp_path / "garbage.safetensors"
         p.write_bytes(np.random.default_rng(0).integers(0, 256, 300, dtype=np.uint8).tobytes())
-        return p, ["garbage.safetensors"], 2
+        return p, ["garbage.safetensors", "EXL2-C001"], 1
     if how == "empty file":
         p = tmp_path / "empty.safetensors"
         p.write_bytes(b"")
-        return p, ["empty.safetensors"], 2
+        return p, ["empty.safetensors", "EXL2-C001"], 1
     if how == "truncated":
         p = tmp_path / "truncated.safetensors"
         p.write_bytes(shard1.read_bytes()[:-64])
-        return p, ["truncated.safetensors"], 2
+        return p, ["truncated.safetensors", "EXL2-C004"], 1
     if how == "missing q_scale":
         d = rewrite(folder, tmp_path, 1, lambda t: t.pop("model.layers.0.mlp.up_proj.q_scale"))
         return d, ["output-00001-of-00002.safetensors", "model.layers.0.mlp.up_proj.q_scale"], 1

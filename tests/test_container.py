@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from exl2.conformance import container
+from exl2 import header as header_parser
 from exl2.conformance.container import check_file
 
 
@@ -137,13 +137,13 @@ def test_only_header_bytes_are_read(valid, monkeypatch):
         def __exit__(self, *exc):
             self.f.close()
 
-    monkeypatch.setattr(container, "open", Spy, raising=False)
+    monkeypatch.setattr(header_parser, "open", Spy, raising=False)
     assert check_file(valid).ok
     assert sum(read) == 8 + n < valid.stat().st_size
 
 
 def test_absurd_tensor_counts_are_refused(tmp_path, monkeypatch):
-    monkeypatch.setattr(container, "MAX_TENSORS", 3)
+    monkeypatch.setattr(header_parser, "MAX_TENSORS", 3)
     header = {f"t{i}": entry("U8", [1], i, i + 1) for i in range(4)}
     p = raw(tmp_path / "many.safetensors", header, bytes(4))
     assert codes(p) == {("EXL2-C003", None)}

@@ -8,7 +8,7 @@ import typer
 
 from ..errors import Exl2Error
 from . import app
-from .common import console
+from .common import console, plain
 
 conformance = typer.Typer(help="Test vectors for ports, and a harness for kernels.", no_args_is_help=True)
 app.add_typer(conformance, name="conformance")
@@ -25,8 +25,8 @@ def export_cmd(directory: Path = typer.Argument(..., help="folder to write: new,
     except Exl2Error as e:
         raise fail(e) from None
     kinds = [v["kind"] for v in manifest["vectors"]]
-    console.print(f"wrote {kinds.count('positive')} positive, {kinds.count('negative')} negative layer and "
-                  f"{kinds.count('negative-folder')} negative folder vectors to {directory}")
+    console.print(plain(f"wrote {kinds.count('positive')} positive, {kinds.count('negative')} negative layer and "
+                        f"{kinds.count('negative-folder')} negative folder vectors to {directory}"))
 
 
 @conformance.command("run")
@@ -55,15 +55,15 @@ def run_cmd(
         results = run(impl, vectors, examples, seed)
     except Exl2Error as e:
         raise fail(e) from None
-    table = Table(title=f"exl2 conformance run --backend {backend} (device {impl.device})")
+    table = Table(title=plain(f"exl2 conformance run --backend {backend} (device {impl.device})"))
     for col in ("feature", "result", "passed", "failed", "first failure"):
         table.add_column(col, overflow="fold")
     for name in sorted(results):
         r = results[name]
-        table.add_row(name, "[red]FAIL[/]" if r.failed else "[green]pass[/]", str(r.passed), str(r.failed),
-                      r.failures[0] if r.failures else "")
+        table.add_row(plain(name), "[red]FAIL[/]" if r.failed else "[green]pass[/]", str(r.passed), str(r.failed),
+                      plain(r.failures[0] if r.failures else ""))
     console.print(table)
     ok = all_passed(results)
     failed = sorted(n for n, r in results.items() if r.failed)
-    console.print("[green]PASS[/]: every feature passed" if ok else f"[red]FAIL[/]: {', '.join(failed)}")
+    console.print("[green]PASS[/]: every feature passed" if ok else f"[red]FAIL[/]: {plain(', '.join(failed)).markup}")
     raise typer.Exit(0 if ok else 1)

@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 import typer
 
-from ..errors import ContainerError, Exl2Error
-from ..io import DTYPES, Model, SafetensorsWriter, open_model
+from ..errors import ContainerError, Exl2Error, FormatError, UsageError
+from ..io import DTYPES, Model, SafetensorsWriter, check_writable, open_model
 from . import app
 from .common import progress
 
@@ -21,13 +21,17 @@ def backend_dequantize(name: str):
 
         return dequantize
     if name == "fast":
-        from .. import fast
+        try:
+            from .. import fast
+        except ImportError as e:  # triton is an optional extra
+            raise UsageError(f"--backend fast needs Triton, which is not installed ({e.name or e}): "
+                             f"pip install 'exl2[fast]', or use --backend reference") from None
 
         note_fast_backend()
         if fast.interpreted():
             return fast.dequantize
         return lambda qm: fast.dequantize(qm.to("cuda")).cpu()
-    raise ContainerError(f"unknown backend {name!r} (choose reference or fast)")
+    raise UsageError(f"unknown backend {name!r} (choose reference or fast)")
 
 
 def note_fast_backend() -> None:
@@ -41,7 +45,8 @@ def note_fast_backend() -> None:
 
 def plan_entries(model: Model) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
     """The output's tensors, in order: ``KEY.weight`` float16 ``[out_padded, in]`` for each
-    quantized layer, then every other tensor unchanged. Shapes come from the headers alone."""
+    quantized layer, then every other tensor unchanged. Shapes come from the headers alone; a
+    layer whose shapes break spec 3.1 is refused here, before anything is written."""
     layer_names = set()
     entries = []
     for key in model.layer_keys():
@@ -49,18 +54,20 @@ def plan_entries(model: Model) -> list[tuple[str, torch.dtype, tuple[int, ...]]]
         layer_names.update(n for n in names if n != key + ".bias")
         qw, inv = model.tensors[key + ".q_weight"], model.tensors.get(key + ".q_invperm")
         if inv is None:
-            raise ContainerError("is missing", file=str(qw.file), tensor=key + ".q_invperm")
-        if len(qw.shape) != 2 or len(inv.shape) != 1:
-            raise ContainerError("has the wrong number of dimensions", file=str(qw.file), tensor=key + ".q_weight")
+            raise FormatError("is missing [EXL2-T001]", file=str(qw.file), tensor=key + ".q_invperm")
+        if len(qw.shape) != 2:
+            raise FormatError(f"has shape {list(qw.shape)}, expected 2 dimensions [EXL2-T003]", file=str(qw.file),
+                              tensor=key + ".q_weight")
+        if len(inv.shape) != 1:
+            raise FormatError(f"has shape {list(inv.shape)}, expected 1 dimension [EXL2-T003]", file=str(inv.file),
+                              tensor=key + ".q_invperm")
         if key + ".weight" in model.tensors:
-            raise ContainerError("clashes with the dequantized output name", file=str(qw.file), tensor=key + ".weight")
+            raise Exl2Error("is stored beside the quantized layer; its dequantized weight would have the same name",
+                            file=str(model.tensors[key + ".weight"].file), tensor=key + ".weight")
         entries.append((key + ".weight", torch.float16, (qw.shape[1], inv.shape[0])))
     for name, info in model.tensors.items():
-        if name in layer_names:
-            continue
-        if info.dtype not in DTYPES:
-            raise ContainerError(f"has unsupported dtype {info.dtype}", file=str(info.file), tensor=name)
-        entries.append((name, DTYPES[info.dtype], info.shape))
+        if name not in layer_names:
+            entries.append((name, DTYPES[info.dtype], info.shape))
     return entries
 
 
@@ -77,21 +84,20 @@ def dequantize_cmd(
 
     try:
         if output.suffix != ".safetensors":
-            raise ContainerError("output must end in .safetensors", file=str(output))
+            raise UsageError("output must end in .safetensors", file=str(output))
+        check_writable(output, folder=False)
         decode = backend_dequantize(backend)
-        model = open_model(path)
-        if not model.layer_keys():
-            raise ContainerError("holds no EXL2 layer (no *.q_weight tensor)", file=str(path))
-        entries = plan_entries(model)
-        layer_of = {f"{k}.weight": k for k in model.layer_keys()}
-        with SafetensorsWriter(output, entries, metadata={"format": "pt", "source": "exl2 dequantize"}) as w:
-            for name, _, _ in progress(entries, len(entries), "dequantize"):
-                if name in layer_of:
-                    tensor = decode(model.qmatrix(layer_of[name])).T.contiguous()
-                else:
-                    tensor = model[name]
-                w.write(name, tensor)
+        with open_model(path) as model:
+            if not model.layer_keys():
+                raise ContainerError("holds no EXL2 layer (no *.q_weight tensor)", file=str(path))
+            entries = plan_entries(model)
+            layer_of = {f"{k}.weight": k for k in model.layer_keys()}
+            with SafetensorsWriter(output, entries, metadata={"format": "pt", "source": "exl2 dequantize"}) as w:
+                for name, _, _ in progress(entries, len(entries), "dequantize"):
+                    if name in layer_of:
+                        tensor = decode(model.qmatrix(layer_of[name])).T.contiguous()
+                    else:
+                        tensor = model[name]
+                    w.write(name, tensor)
     except Exl2Error as e:
         raise fail(e) from None
-    except (ValueError, RuntimeError) as e:  # a tensor whose bytes disagree with its header
-        raise fail(ContainerError(str(e).splitlines()[0], file=str(path))) from None

@@ -12,7 +12,7 @@ from ..errors import Exl2Error
 from ..format import WIDTHS
 from ..io import Model, open_model
 from . import app
-from .common import console
+from .common import MAX_SHOWN_DEPTH, console, json_text, nested_deeper_than, plain
 
 
 def describe(model: Model) -> dict:
@@ -46,9 +46,17 @@ def describe(model: Model) -> dict:
             "bpw": q_bits / q_weights if q_weights else None,
             "other_tensors": len(other),
             "bytes": total_bytes,
-            "quantization_config": model.quantization_config,
+            "quantization_config": shown(model.quantization_config),
         },
     }
+
+
+def shown(value: object) -> object:
+    """A JSON value from config.json as inspect shows it: itself, or a note when it nests too
+    deep to print (legal JSON, so not an error)."""
+    if nested_deeper_than(value):
+        return f"(not shown: nested deeper than {MAX_SHOWN_DEPTH} levels)"
+    return value
 
 
 @app.command("inspect")
@@ -60,22 +68,24 @@ def inspect_cmd(
     from . import fail
 
     try:
-        info = describe(open_model(path))
+        with open_model(path) as model:
+            info = describe(model)
     except Exl2Error as e:
         raise fail(e) from None
     if as_json:
-        print(json.dumps(info, indent=2))
+        print(json_text(info))
         return
-    table = Table(title=f"{info['path']} ({len(info['files'])} file(s))")
+    table = Table(title=plain(f"{info['path']} ({len(info['files'])} file(s))"))
     for col in ("layer", "in x out", "groups per width", "bpw"):
         table.add_column(col, justify="right" if col == "bpw" else "left")
     for layer in info["layers"]:
         groups = " ".join(f"{b}b:{n}" for b, n in layer["groups"].items())
-        table.add_row(layer["key"], f"{layer['in_features']} x {layer['out_features']}", groups, f"{layer['bpw']:.3f}")
+        table.add_row(plain(layer["key"]), f"{layer['in_features']} x {layer['out_features']}", groups,
+                      f"{layer['bpw']:.3f}")
     console.print(table)
     s = info["summary"]
     bpw = f"{s['bpw']:.4f}" if s["bpw"] is not None else "n/a"
     console.print(f"{s['quantized_layers']} quantized layers, {s['quantized_weights']:,} weights at {bpw} bpw; "
                   f"{s['other_tensors']} other tensors; {s['bytes']:,} bytes")
     if s["quantization_config"] is not None:
-        console.print(f"quantization_config: {json.dumps(s['quantization_config'])}")
+        console.print(plain(f"quantization_config: {json.dumps(s['quantization_config'], ensure_ascii=False)}"))

@@ -10,9 +10,9 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from ..errors import Exl2Error
+from ..errors import Exl2Error, UsageError
 from . import app
-from .common import console, progress
+from .common import console, json_text, plain, progress
 
 
 @app.command("validate")
@@ -32,14 +32,13 @@ def validate_cmd(
         print(json.dumps(Report.model_json_schema(), indent=2))
         return
     if path is None:
-        print("exl2: error: missing PATH (a model folder or .safetensors file)", file=__import__("sys").stderr)
-        raise typer.Exit(2)
+        raise fail(UsageError("missing PATH (a model folder or .safetensors file)"))
     try:
         report = validate_path(path, deep=deep, progress=progress, run=run)
     except Exl2Error as e:
         raise fail(e) from None
     if as_json:
-        print(report.model_dump_json(indent=2))
+        print(json_text(report.model_dump(mode="json")))
     else:
         _print(report)
     raise typer.Exit(0 if report.ok else 1)
@@ -47,13 +46,13 @@ def validate_cmd(
 
 def _print(report) -> None:
     if report.findings:
-        table = Table(title=f"exl2 validate {report.path}")
+        table = Table(title=plain(f"exl2 validate {report.path}"))
         for col in ("severity", "code", "file", "tensor", "message"):
             table.add_column(col, overflow="fold")
         style = {"error": "red", "warning": "yellow", "info": "cyan"}
         for f in report.findings:
-            table.add_row(f"[{style[f.severity]}]{f.severity}[/]", f.code, Path(f.file).name if f.file else "",
-                          f.tensor or "", f.message)
+            table.add_row(f"[{style[f.severity]}]{f.severity}[/]", f.code, plain(Path(f.file).name if f.file else ""),
+                          plain(f.tensor or ""), plain(f.message))
         console.print(table)
     s = report.summary
     verdict = "[green]VALID[/]" if report.ok else "[red]INVALID[/]"

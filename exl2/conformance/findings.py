@@ -54,13 +54,15 @@ CATALOGUE: dict[str, CodeInfo] = _entries(
      "The file has fewer than 8 bytes, or its header length runs past the end of the file or beyond "
      "100 MB. The file is truncated or not safetensors: download it again."),
     ("EXL2-C002", "error", "header is not a JSON object (or has duplicate names)", "2.2",
-     "The header is not UTF-8 JSON, is not an object, or names a tensor twice. The file is damaged or "
-     "was not written by a safetensors writer."),
+     "The header is not UTF-8 JSON, is not an object, or names a tensor twice; or it holds what strict "
+     "JSON parsers refuse: NaN or Infinity, a lone surrogate, nesting deeper than JSON parsing allows, a "
+     "name given twice inside an entry. The file is damaged or was not written by a safetensors writer."),
     ("EXL2-C003", "error", "malformed tensor entry (dtype, shape, offsets, metadata)", "2.2",
      "An entry lacks dtype, shape or data_offsets or has other keys, has an unknown dtype, a shape that is "
      "not a list of at most 8 non-negative integers, offsets that are not two integers 0 <= begin <= end, "
-     "a __metadata__ that is not string to string, or the header declares more than 1,000,000 tensors. "
-     "Rewrite the file with a safetensors writer."),
+     "a __metadata__ that is not string to string (or more than 100,000 pairs), a name holding a control "
+     "character (U+0000-U+001F, U+007F-U+009F), an entry longer than 4096 characters, or the header "
+     "declares more than 1,000,000 tensors. Rewrite the file with a safetensors writer."),
     ("EXL2-C004", "error", "tensor bytes outside the file or not dtype x shape long", "2.2",
      "A tensor's byte range ends beyond the file, or its length is not the dtype size times the product "
      "of its shape. Usually a truncated download."),

@@ -1,14 +1,27 @@
-"""A fuzzing campaign against the validator: mutations of a valid EXL2 model folder, checked
-never to crash ``validate_path`` (it must return findings whatever the bytes).
+"""A fuzzing campaign against the validator, the reader and the ``exl2`` command: mutations of a
+valid EXL2 model folder, each run through ``validate_path`` and through the verbs ``validate``,
+``inspect`` and ``dequantize`` (in process), which must keep the README's contract whatever the
+bytes.
 
-    python -m exl2.conformance.fuzz --cases 5000 --seed 0
+    python -m exl2.conformance.fuzz --cases 5000 --seed 0 [--json docs/results/fuzz.json]
 
 Each case copies a small valid folder (config.json with quantization_config, output.safetensors
-holding two quantized layers with mixed widths, padding and a bias, and an index file) and applies
-one mutation: random bytes in the header or in the tensor data, a changed shape, dtype or byte
-range, a replaced header entry, truncation, extension, a random group table, or a broken
-config.json / index. Every case is validated with ``deep=True``. Prints cases tried, crashes
-(with the mutation and traceback of the first few) and the slowest case; exits 1 on any crash.
+holding three quantized layers with mixed widths, padding and a bias, and a stale index file) and
+applies one mutation: random bytes in the header or in the tensor data, a changed shape, dtype or
+byte range, a replaced header entry, truncation, extension, a random group table, a broken
+config.json or index, and the hostile classes of :mod:`exl2.conformance.hostile`: whole-header
+attacks (deep nesting, huge numbers, NaN, non-UTF-8, duplicates, wrong top-level types), a value
+of every JSON type at any header field, hostile tensor names (surrogates, controls, markup), a
+hostile value at any config.json field, and odd folder and shard names.
+
+A **crash** is any exception out of ``validate_path``, a finding ``EXL2-C009`` (the seed's data
+is always readable, so that code could only hide a bug), a code outside the catalogue, or a verb
+that ends in an exception, an internal error (exit 3) or a traceback. A **contract violation** is
+a verb whose failure is not exactly one printable line on stderr, an exit status outside 0/1/2,
+``--json`` output that is not strict JSON, ``validate``'s exit disagreeing with its report,
+``inspect`` or ``dequantize`` exiting 1 (a rule broken) where ``validate`` finds no error, or
+``dequantize`` leaving anything in its output folder when it fails. Prints the counts, the codes
+seen and the first cases of each kind of failure; exits 1 on any crash or violation.
 """
 
 from __future__ import annotations
@@ -28,7 +41,7 @@ import torch
 
 #: Mutation kinds, applied in turn.
 MUTATIONS = ("header-bytes", "tensor-bytes", "shape", "dtype", "offsets", "truncate", "extend", "json-value",
-             "groups", "config", "index")
+             "groups", "config", "index", "hostile-header", "wrong-type", "hostile-name", "hostile-config", "odd-path")
 #: The layer whose tensors the content mutations target.
 LAYER = "model.layers.0.mlp.up_proj"
 WEIGHTS = "output.safetensors"
@@ -133,55 +146,167 @@ def mutate_json(text: str, rng: random.Random) -> str:
     return json.dumps(value)
 
 
-def apply(folder: Path, base: Path, rng: random.Random, kind: str) -> None:
-    """Make ``folder`` a copy of ``base`` with one mutation of ``kind``."""
+def apply(folder: Path, base: Path, rng: random.Random, kind: str) -> Path:
+    """Make ``folder`` a copy of ``base`` with one mutation of ``kind``; returns the path to check
+    (``folder``, or for "odd-path" a folder or file with an odd name inside it)."""
+    from . import hostile
+
     if folder.exists():
         shutil.rmtree(folder)
-    shutil.copytree(base, folder)
-    if kind == "config":
-        cfg = folder / "config.json"
+    target = folder
+    if kind == "odd-path":
+        folder.mkdir(parents=True)
+        target = folder / rng.choice(hostile.PATH_NAMES)
+    shutil.copytree(base, target)
+    weights = target / WEIGHTS
+    if kind == "odd-path":
+        weights = weights.rename(target / (rng.choice(hostile.PATH_NAMES) + ".safetensors"))
+        if rng.random() < 0.3:
+            return weights  # the single file, by its odd name
+    elif kind == "config":
+        cfg = target / "config.json"
         cfg.write_text(mutate_json(cfg.read_text(), rng))
+    elif kind == "hostile-config":
+        cfg = target / "config.json"
+        hostile.write_text(cfg, hostile.random_config(cfg.read_text(), rng))
     elif kind == "index":
-        idx = folder / "model.safetensors.index.json"
+        idx = target / "model.safetensors.index.json"
         idx.write_text(mutate_json(idx.read_text(), rng))
+    elif kind == "hostile-header":
+        weights.write_bytes(hostile.random_raw_header(weights.read_bytes(), rng))
+    elif kind == "wrong-type":
+        weights.write_bytes(hostile.random_wrong_type(weights.read_bytes(), rng))
+    elif kind == "hostile-name":
+        weights.write_bytes(hostile.random_renamed(weights.read_bytes(), rng))
     else:
-        f = folder / WEIGHTS
-        f.write_bytes(mutate(f.read_bytes(), rng, kind))
+        weights.write_bytes(mutate(weights.read_bytes(), rng, kind))
+    return target
 
 
-def campaign(cases: int, seed: int, deep: bool = True) -> dict:
-    """Run ``cases`` mutated folders through ``validate_path``; count crashes and time cases."""
+def check_library(path: Path, deep: bool) -> tuple[list[str], list[str], object]:
+    """``validate_path`` on ``path``: (crashes, codes found, the report or None)."""
     from .findings import CATALOGUE
     from .validate import validate_path
 
+    try:
+        report = validate_path(path, deep=deep)
+    except Exception:
+        return [f"validate_path raised:\n{traceback.format_exc(limit=6)}"], [], None
+    crashes = []
+    codes = [f.code for f in report.findings]
+    unknown = set(codes) - set(CATALOGUE)
+    if unknown:
+        crashes.append(f"codes outside the catalogue: {sorted(unknown)}")
+    if "EXL2-C009" in codes:
+        crashes.append("EXL2-C009 on readable data: " + "; ".join(f.message for f in report.findings
+                                                                  if f.code == "EXL2-C009")[:300])
+    for f in report.findings:
+        if f.code in CATALOGUE and f.severity != CATALOGUE[f.code].severity:
+            crashes.append(f"{f.code} reported as {f.severity}")
+    return crashes, codes, report
+
+
+#: The verbs each case goes through, and their arguments after the path.
+VERBS = {"validate": [], "validate --json": ["--json"], "inspect": [], "inspect --json": ["--json"],
+         "dequantize": ["-o", "{out}"]}
+
+
+def check_cli(path: Path, out_dir: Path, valid: bool | None) -> tuple[list[str], list[str]]:
+    """The verbs on ``path``: (crashes, contract violations). ``valid``: validate_path's verdict
+    (None when it crashed)."""
+    from typer.testing import CliRunner
+
+    from ..cli import app
+
+    crashes: list[str] = []
+    violations: list[str] = []
+    status = {}
+    for label, extra in VERBS.items():
+        args = [label.split()[0], str(path), *(a.format(out=out_dir / "dense.safetensors") for a in extra)]
+        r = CliRunner().invoke(app, args)
+        status[label] = r.exit_code
+        if r.exception is not None and not isinstance(r.exception, SystemExit):
+            crashes.append(f"{label}: {type(r.exception).__name__}: {str(r.exception)[:200]}\n"
+                           + "".join(traceback.format_exception(r.exception, limit=-4)))
+            continue
+        if "Traceback" in r.output or "internal error" in r.stderr or r.exit_code == 3:
+            crashes.append(f"{label}: exit {r.exit_code}: {r.stderr.strip()[:300]}")
+            continue
+        if r.exit_code not in (0, 1, 2):
+            violations.append(f"{label}: exit {r.exit_code}")
+        one_line_expected = r.exit_code == 2 or (r.exit_code == 1 and not label.startswith("validate"))
+        lines = r.stderr.strip().splitlines()
+        if one_line_expected and (len(lines) != 1 or not lines[0].startswith("exl2: error: ")
+                                  or not lines[0].isprintable()):
+            violations.append(f"{label}: exit {r.exit_code}, stderr is not one printable line: {r.stderr[:300]!r}")
+        if label.endswith("--json") and (r.exit_code == 0 or label == "validate --json" and r.exit_code == 1):
+            try:
+                json.loads(r.stdout, parse_constant=_no_constant)
+            except ValueError as e:
+                violations.append(f"{label}: stdout is not strict JSON ({e})")
+    if valid is not None:
+        if status["validate"] != (0 if valid else 1):
+            violations.append(f"validate exits {status['validate']} for a report with ok={valid}")
+        for label in ("inspect", "dequantize"):
+            if valid and status[label] == 1:
+                violations.append(f"{label} exits 1 (a rule broken) where validate finds none")
+    leftovers = sorted(p.name for p in out_dir.iterdir())
+    if status["dequantize"] != 0 and leftovers:
+        violations.append(f"dequantize failed (exit {status['dequantize']}) and left {leftovers}")
+    for p in out_dir.iterdir():
+        p.unlink()
+    return crashes, violations
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+def campaign(cases: int, seed: int, deep: bool = True, cli: bool = True) -> dict:
+    """Run ``cases`` mutated folders through ``validate_path`` and (with ``cli``) the verbs;
+    count crashes and contract violations, and time cases."""
+    from .findings import CATALOGUE
+
     rng = random.Random(seed)
     crashes: list[dict] = []
+    violations: list[dict] = []
+    per_kind = {k: 0 for k in MUTATIONS}
     slowest, slowest_kind = 0.0, ""
     codes: dict[str, int] = {}
+    start = time.perf_counter()
     with tempfile.TemporaryDirectory() as d:
         base = Path(d) / "base"
         seed_folder(base)
-        report = validate_path(base, deep=True)
-        assert report.ok, report.findings  # the seed itself must be valid
-        case = Path(d) / "case"
+        crash, _, report = check_library(base, True)
+        assert not crash and report.ok, report  # the seed itself must be valid
+        case, out_dir = Path(d) / "case", Path(d) / "out"
+        out_dir.mkdir()
         for i in range(cases):
             kind = MUTATIONS[i % len(MUTATIONS)]
-            apply(case, base, rng, kind)
+            per_kind[kind] += 1
+            path = apply(case, base, rng, kind)
             t = time.perf_counter()
-            try:
-                r = validate_path(case, deep=deep)
-                unknown = {f.code for f in r.findings} - set(CATALOGUE)
-                if unknown:
-                    raise AssertionError(f"codes outside the catalogue: {unknown}")
-                for f in r.findings:
-                    codes[f.code] = codes.get(f.code, 0) + 1
-            except Exception:
-                crashes.append({"case": i, "kind": kind, "error": traceback.format_exc(limit=4)})
+            found, seen, report = check_library(path, deep)
+            for c in seen:
+                codes[c] = codes.get(c, 0) + 1
+            bad: list[str] = []
+            if cli:
+                found_cli, bad = check_cli(path, out_dir, report.ok if report is not None else None)
+                found += found_cli
             dt = time.perf_counter() - t
             if dt > slowest:
                 slowest, slowest_kind = dt, kind
-    return {"cases": cases, "seed": seed, "crashes": len(crashes), "slowest_seconds": round(slowest, 4),
-            "slowest_kind": slowest_kind, "codes_seen": dict(sorted(codes.items())), "crash_details": crashes[:5]}
+            where = {"case": i, "kind": kind, "path": ascii(str(path.relative_to(d)))}
+            crashes += [where | {"error": e} for e in found]
+            violations += [where | {"violation": v} for v in bad]
+    seconds = time.perf_counter() - start
+    return {"cases": cases, "seed": seed, "deep": deep, "cli": cli, "verbs": list(VERBS) if cli else [],
+            "crashes": len(crashes), "violations": len(violations), "seconds": round(seconds, 1),
+            "seconds_per_case": round(seconds / max(cases, 1), 4), "slowest_seconds": round(slowest, 4),
+            "slowest_kind": slowest_kind, "cases_per_kind": per_kind, "codes_reached": len(codes),
+            "catalogue_codes": len(CATALOGUE), "codes_not_reached": ", ".join(sorted(set(CATALOGUE) - set(codes))),
+            "codes_seen": dict(sorted(codes.items())), "crash_details": crashes[:5],
+            "violation_details": violations[:5]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -189,12 +314,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cases", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-deep", action="store_true", help="skip decoding (faster cases)")
+    p.add_argument("--no-cli", action="store_true", help="validate_path only, not the verbs")
+    p.add_argument("--json", type=Path, help="also write the result to this file (e.g. docs/results/fuzz.json)")
     args = p.parse_args(argv)
-    start = time.perf_counter()
-    result = campaign(args.cases, args.seed, deep=not args.no_deep)
-    result["total_seconds"] = round(time.perf_counter() - start, 2)
-    print(json.dumps(result, indent=2))
-    return 1 if result["crashes"] else 0
+    result = campaign(args.cases, args.seed, deep=not args.no_deep, cli=not args.no_cli)
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.json:
+        from ..io import atomic_path
+
+        with atomic_path(args.json) as tmp:
+            tmp.write_text(text + "\n")
+    return 1 if result["crashes"] or result["violations"] else 0
 
 
 if __name__ == "__main__":

@@ -383,9 +383,8 @@ def export(directory: str | Path) -> dict:
     the new suite is built beside it and moved in at the end). Returns the manifest."""
     directory = Path(directory)
     _check_target(directory)
-    with atomic_path(directory) as tmp:
-        tmp.unlink()
-        (tmp / "positive").mkdir(parents=True)
+    with atomic_path(directory, folder=True) as tmp:
+        (tmp / "positive").mkdir()
         (tmp / "negative").mkdir()
         entries = []
         for v in positives():

@@ -31,11 +31,15 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..errors import ContainerError, FormatError
+from ..errors import ContainerError, UsageError
 from ..format import padded_columns
 from .options import head_option
 
 GIB = 1 << 30
+#: Largest model dimension, VRAM and overhead read: far beyond any model or GPU, small enough that
+#: every figure stays an exact float.
+MAX_DIM = 1 << 31
+MAX_BYTES = 1 << 50  # 1 PiB
 OVERHEAD_FIXED = GIB // 2
 #: exllamav2's defaults: tokens per forward chunk (``max_input_len``), largest dequantized matrix
 #: (``max_dq_size``, elements), attention-weights budget (``max_attention_size``).
@@ -71,16 +75,23 @@ class Llama:
 
     @classmethod
     def from_config(cls, cfg: dict, source: str) -> "Llama":
-        need = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
-        missing = [k for k in need if not isinstance(cfg.get(k), int) or cfg[k] <= 0]
-        if missing:
-            raise FormatError(f"is not a llama-family config (missing {', '.join(missing)})", file=source)
-        heads = cfg["num_attention_heads"]
-        return cls(hidden_size=cfg["hidden_size"], intermediate_size=cfg["intermediate_size"],
-                   num_hidden_layers=cfg["num_hidden_layers"], num_attention_heads=heads,
-                   num_key_value_heads=cfg.get("num_key_value_heads") or heads, vocab_size=cfg["vocab_size"],
-                   head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
-                   tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)))
+        """The dimensions of a llama-family config.json; raises :class:`ContainerError` naming the
+        file when a field it needs is absent or not a whole number in 1 .. 2^31 (a JSON value of
+        any other type, a bool, a huge number)."""
+        def dim(key: str, default: int | None = None) -> int:
+            v = cfg.get(key)
+            if v is None and default is not None:
+                return default
+            if type(v) is not int or not 0 < v <= MAX_DIM:
+                raise ContainerError(f"is not a llama-family config: {key} must be a whole number in 1..{MAX_DIM}, "
+                                     f"not {json.dumps(v)[:40]}", file=source)
+            return v
+
+        hidden, heads = dim("hidden_size"), dim("num_attention_heads")
+        need = ("intermediate_size", "num_hidden_layers", "vocab_size")
+        return cls(hidden_size=hidden, num_attention_heads=heads, **{k: dim(k) for k in need},
+                   num_key_value_heads=dim("num_key_value_heads", heads), head_dim=dim("head_dim", max(1, hidden // heads)),
+                   tie_word_embeddings=cfg.get("tie_word_embeddings") is True)
 
     def linears(self) -> list[tuple[int, int]]:
         """(in_features, out_features) of the quantized linears of one layer."""
@@ -113,7 +124,7 @@ def load(model: str) -> Llama:
         raise ContainerError(f"is not a config.json, a model folder or a preset ({', '.join(PRESETS)})", file=model)
     try:
         cfg = json.loads(cfg_path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError):
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
         raise ContainerError("is not valid JSON", file=str(cfg_path)) from None
     if not isinstance(cfg, dict):
         raise ContainerError("is not a JSON object", file=str(cfg_path))
@@ -121,10 +132,15 @@ def load(model: str) -> Llama:
 
 
 def parse_size(text: str) -> int:
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(i?B)?\s*", text, flags=re.I)
+    """Bytes of a size such as ``24GB``, ``8GiB``, ``24000MB`` (a decimal number and a unit; GB =
+    GiB). Raises :class:`UsageError` for anything else, or a size above :data:`MAX_BYTES`."""
+    m = re.fullmatch(r"\s*([0-9]{1,20}(?:\.[0-9]{0,20})?|\.[0-9]{1,20})\s*([KMGT]?)(i?B)?\s*", text, flags=re.I)
     if not m:
-        raise ContainerError(f"cannot read {text!r} as a size (e.g. 24GB, 8GiB, 24000MB)")
-    return int(float(m.group(1)) * 1024 ** "BKMGT".index((m.group(2) or "B").upper()))
+        raise UsageError(f"cannot read {text!r} as a size (e.g. 24GB, 8GiB, 24000MB)")
+    size = int(float(m.group(1)) * 1024 ** "BKMGT".index((m.group(2) or "B").upper()))
+    if size > MAX_BYTES:
+        raise UsageError(f"{text!r} is more than {MAX_BYTES // 2**50} PiB; no GPU has that much memory")
+    return size
 
 
 def quantized_numel(m: Llama) -> int:

@@ -260,9 +260,7 @@ def _write_output(s, src, layers, job, measurement, text) -> dict:
         "quant_method": "exl2", "version": __version__, "bits": s.bpw, "head_bits": s.head_bits,
         "calibration": {"rows": s.rows, "length": s.length,
                         "dataset": Path(s.calibration).name if s.calibration else "(default)"}}
-    with atomic_path(s.out) as tmp:
-        tmp.unlink()
-        tmp.mkdir()
+    with atomic_path(s.out, folder=True) as tmp:  # an existing folder (--overwrite) goes only once this one is in place
         names = list(tensors)
         shards, size, current = [], 0, []
         for n in names:
@@ -281,8 +279,6 @@ def _write_output(s, src, layers, job, measurement, text) -> dict:
         for f in sorted(src.path.iterdir()):
             if f.is_file() and f.name != "config.json" and not f.name.endswith(SKIP_COPY):
                 shutil.copy2(f, tmp / f.name)
-        if s.out.exists():  # --overwrite: the old folder goes only once the new one is complete
-            shutil.rmtree(s.out)
     q_bits = sum(QMatrix.from_tensors(tensors, layer.key, out_features=layer.shape[1]).storage_bits() for layer in layers)
     numel = sum(layer.shape[0] * layer.shape[1] for layer in layers)
     return {"out": str(s.out), "bpw": q_bits / numel, "target_bpw": s.bpw,

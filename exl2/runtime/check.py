@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from ..conformance.findings import Finding, finding
-from .load import TensorFiles, build_skeleton, fill
+from ..io import Model
+from .load import build_skeleton, fill
 
 #: Tokens of the forward pass (ids 1 .. N, within any vocabulary the config can declare).
 TOKENS = 8
@@ -21,7 +22,8 @@ def forward_findings(path: str | Path, dtype: torch.dtype = torch.float16) -> li
     """Run the model of a folder that passed the validator's rules; raises
     :class:`exl2.ContainerError` when transformers cannot build its architecture."""
     model = build_skeleton(path, dtype)
-    fill(model, TensorFiles(path))
+    with Model(path) as files:
+        fill(model, files)
     model.eval()
     vocab = int(getattr(model.config, "vocab_size", 0) or 0)
     ids = torch.arange(1, TOKENS + 1)[None] % max(vocab, 1)

@@ -32,9 +32,9 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ..errors import ContainerError, FormatError
-from ..io import read_header, shard_files
+from ..io import Model, read_header, shard_files
 from ..nn import Exl2Linear
-from .load import TensorFiles, check_folder, quantized_linears
+from .load import check_folder, quantized_linears
 
 METHOD = "exl2"
 #: Set while an EXL2 load is between its quantizer's creation and the checkpoint lookup.
@@ -79,13 +79,13 @@ class Exl2Quantizer(HfQuantizer):
         folder = Path(files[0]).parent
         with torch.device("cpu"):  # transformers builds the model under torch.device("meta")
             check_folder(folder)
-        tensors = TensorFiles(folder)
+        tensors = Model(folder)
         linears = quantized_linears(model, tensors)
         if not linears:
             raise FormatError("holds no EXL2 layers (q_weight tensors); a float checkpoint is quantized with "
                               "exl2 quantize", file=str(folder))
         for key, linear in linears.items():
-            shapes = {n: tensors.shape(f"{key}.{n}") for n in ("q_weight", "q_scale", "q_scale_max", "q_groups",
+            shapes = {n: tensors.tensors[f"{key}.{n}"].shape for n in ("q_weight", "q_scale", "q_scale_max", "q_groups",
                                                                "q_invperm", "bias") if f"{key}.{n}" in tensors}
             parent_name, _, child = key.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
@@ -132,7 +132,7 @@ def _folder_is_exl2(path: Path) -> bool:
 def _holds_exl2_layers(files: list[Path]) -> bool:
     for f in files:
         try:
-            if any(name.endswith(".q_weight") for name in read_header(f)[0]):
+            if any(e.name.endswith(".q_weight") for e in read_header(f).entries):
                 return True
         except Exception:  # unreadable files are the validator's to report
             continue
@@ -154,7 +154,7 @@ def _resolve_exl2_files(original):
             if len(files) == 1:
                 return files, None
             # several files: described as transformers describes an indexed checkpoint
-            weight_map = {n: Path(f).name for f in files for n in read_header(Path(f))[0] if n != "__metadata__"}
+            weight_map = {e.name: Path(f).name for f in files for e in read_header(Path(f)).entries}
             return files, {"metadata": {}, "weight_map": weight_map, "all_checkpoint_keys": list(weight_map)}
         candidates = sorted(folder.glob("*.safetensors"))
         if not (folder / "model.safetensors").is_file() and _holds_exl2_layers(candidates):

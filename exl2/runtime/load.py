@@ -31,52 +31,9 @@ from torch import nn
 
 from ..errors import ContainerError, Exl2Error, FormatError
 from ..format import padded_columns
-from ..io import DTYPES, config_path, read_header, shard_files
+from ..io import Model, config_path
 from ..nn import Exl2Linear
 from ..qmatrix import QMatrix
-
-
-class TensorFiles(Mapping[str, torch.Tensor]):
-    """The tensors of a folder's safetensors files, read on access with ``readinto`` (no mmap).
-    Headers must have passed the validator's container rules."""
-
-    def __init__(self, path: str | os.PathLike) -> None:
-        self.path = Path(path)
-        self.entries: dict[str, tuple[Path, torch.dtype, tuple[int, ...], int]] = {}
-        for f in shard_files(self.path):
-            header, start = read_header(f)
-            for name, e in header.items():
-                if name != "__metadata__":
-                    self.entries[name] = (f, DTYPES[e["dtype"]], tuple(e["shape"]), start + e["data_offsets"][0])
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return self.entries[name][2]
-
-    def file(self, name: str) -> str:
-        return str(self.entries[name][0])
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        file, dtype, shape, offset = self.entries[name]
-        t = torch.empty(shape, dtype=dtype)
-        if t.numel():
-            with open(file, "rb") as f:
-                f.seek(offset)
-                view = memoryview(t.view(-1).view(torch.uint8).numpy())
-                if f.readinto(view) != len(view):
-                    raise ContainerError("ends before this tensor's bytes", file=str(file), tensor=name)
-        return t
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.entries)
-
-    def __len__(self) -> int:
-        return len(self.entries)
-
-    def __contains__(self, name: object) -> bool:
-        return name in self.entries
-
-    def layer_keys(self) -> list[str]:
-        return [n[: -len(".q_weight")] for n in self.entries if n.endswith(".q_weight")]
 
 
 def check_folder(path: str | os.PathLike) -> None:
@@ -176,7 +133,7 @@ def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     return (model.get_submodule(parent) if parent else model), child
 
 
-def quantized_linears(model: nn.Module, files: TensorFiles) -> dict[str, nn.Linear]:
+def quantized_linears(model: nn.Module, files: Model) -> dict[str, nn.Linear]:
     """The model's linears that the folder stores as EXL2, by name; every EXL2 layer of the folder
     must be one of them, with the linear's in_features and out_features padded to q_weight's width."""
     linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
@@ -185,12 +142,12 @@ def quantized_linears(model: nn.Module, files: TensorFiles) -> dict[str, nn.Line
         linear = linears.get(key)
         qw = key + ".q_weight"
         if linear is None:
-            raise FormatError(f"is not a linear layer of {type(model).__name__}", file=files.file(qw), tensor=qw)
-        cols, k = files.shape(qw)[1], files.shape(key + ".q_invperm")[0]
+            raise FormatError(f"is not a linear layer of {type(model).__name__}", file=str(files.tensors[qw].file), tensor=qw)
+        cols, k = files.tensors[qw].shape[1], files.tensors[key + ".q_invperm"].shape[0]
         if k != linear.in_features or cols != padded_columns(linear.out_features):
             raise FormatError(f"holds a {k} x {cols} layer; config.json gives {linear.in_features} x "
                               f"{linear.out_features} ({padded_columns(linear.out_features)} padded columns)",
-                              file=files.file(qw), tensor=qw)
+                              file=str(files.tensors[qw].file), tensor=qw)
         if linear.bias is not None and key + ".bias" not in files:
             raise FormatError(f"is missing ({type(model).__name__}'s {key} has a bias)",
                               file=str(files.path), tensor=key + ".bias")
@@ -198,28 +155,28 @@ def quantized_linears(model: nn.Module, files: TensorFiles) -> dict[str, nn.Line
     return out
 
 
-def fill(model: nn.Module, files: TensorFiles) -> None:
+def fill(model: nn.Module, files: Model) -> None:
     """Put an Exl2Linear in place of every quantized linear and read every other parameter and
     persistent buffer from the folder; then tie a head the folder lacks to the input embedding."""
     for key, linear in quantized_linears(model, files).items():
         try:
             qm = QMatrix.from_tensors(files, key, out_features=linear.out_features)
         except Exl2Error as e:
-            raise e.at(file=files.file(key + ".q_weight")) from None
+            raise e.at(file=str(files.tensors[key + ".q_weight"].file)) from None
         parent, child = _parent(model, key)
         setattr(parent, child, Exl2Linear(qm))
     for name, t in model.state_dict(keep_vars=True).items():
         module, attr = _parent(model, name)
         if isinstance(module, Exl2Linear) or name not in files:
             continue
-        if tuple(files.shape(name)) != tuple(t.shape):
-            raise FormatError(f"has shape {list(files.shape(name))}, {type(model).__name__} expects {list(t.shape)}",
-                              file=files.file(name), tensor=name)
+        if tuple(files.tensors[name].shape) != tuple(t.shape):
+            raise FormatError(f"has shape {list(files.tensors[name].shape)}, {type(model).__name__} expects {list(t.shape)}",
+                              file=str(files.tensors[name].file), tensor=name)
         value = files[name]
         if value.is_floating_point() != t.is_floating_point():
             raise FormatError(f"has dtype {value.dtype}, {type(model).__name__} expects a "
                               f"{'float' if t.is_floating_point() else str(t.dtype)} tensor",
-                              file=files.file(name), tensor=name)
+                              file=str(files.tensors[name].file), tensor=name)
         if value.is_floating_point():
             value = value.to(t.dtype)
         if attr in module._parameters:
@@ -258,7 +215,8 @@ def load(path: str | os.PathLike, device: str | torch.device | None = None, dtyp
     or :class:`ContainerError` (no model, unreadable, or an architecture transformers cannot build)."""
     check_folder(path)
     model = build_skeleton(path, dtype)
-    fill(model, TensorFiles(path))
+    with Model(path) as files:
+        fill(model, files)
     for m in model.modules():
         if isinstance(m, Exl2Linear):
             m.decoded_cache = decoded_cache
@@ -268,5 +226,5 @@ def load(path: str | os.PathLike, device: str | torch.device | None = None, dtyp
     return model
 
 
-__all__ = ["TensorFiles", "build_skeleton", "check_folder", "dtype_kwarg", "fill", "load", "params_on_meta",
+__all__ = ["build_skeleton", "check_folder", "dtype_kwarg", "fill", "load", "params_on_meta",
            "quantized_linears"]
