@@ -93,6 +93,32 @@ def test_gemv_reads_each_width_at_its_offsets():
         assert torch.equal(ops.gemv(dev(x[m:m + fast.GEMV_MAX_M]), dev(qm), 3).cpu(), expected[m:m + fast.GEMV_MAX_M])
 
 
+MATMUL_PATHS = {"gemv": ops.gemv, "fused": ops.fused_matmul, "dequantize+matmul": ops.dequantize_matmul,
+                "reference": lambda x, qm: reference.matmul(x, qm)}
+
+
+@pytest.mark.parametrize("bits", WIDTHS)
+@pytest.mark.parametrize("path", MATMUL_PATHS)
+def test_matmul_error_scales_with_the_weights_not_the_zero_point(path, bits):
+    """Issue 11's case: every code at the zero point (weight 0) but one, and an activation
+    outlier on a zero weight, x = [1000, 0.001, 0, ...]. The exact product is 0.001 * B[1] (B[1]
+    = 1: scale nibble 15, maximum 1); spec 8.2.1 allows about 2^-9 of that. A kernel that
+    computes ``s (sum x q - z sum x)`` cancels ``1000 z`` against itself and is off by float32's
+    step at 1000 z (0.0078 at 8 bits)."""
+    k, n = row_granule(bits), 32
+    codes = torch.full((k, n), 1 << (bits - 1))
+    codes[1] += 1
+    qm = reference.pack(codes, [(bits, 0, k)], torch.full((1, n), 16), torch.ones(1), torch.arange(k, dtype=torch.int32),
+                        n)
+    x = torch.zeros(1, k)
+    x[0, 0], x[0, 1] = 1000.0, 0.001
+    b = reference.dequantize(qm)
+    assert torch.equal(b[1], torch.ones(n, dtype=torch.float16)) and not b[[0, *range(2, k)]].any()
+    y = MATMUL_PATHS[path](dev(x), dev(qm)).cpu()
+    exact = x.double() @ b.double()
+    assert matmul_within_bound(y, exact, x, b), (y[0, :4], exact[0, :4])
+
+
 @pytest.mark.parametrize("m", [1, 3, 5, 33])  # GEMV, fused kernel, dequantize + torch.matmul
 def test_matmul_paths_and_batch_shape(m):
     qm = reference.quantize(torch.randn(40, 64), QParams(32, [5, 3], [0.5, 0.5]), bias=torch.randn(40))
