@@ -23,6 +23,11 @@ SMALL = dict(max_groups=3, max_group_rows=64, max_out_features=70)
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
+#: The matmul paths, each called directly: ``fast.matmul`` picks one by the rows of x.
+MATMUL_PATHS = {"gemv": ops.gemv, "fused": ops.fused_matmul, "dequantize+matmul": ops.dequantize_matmul,
+                "reference": reference.matmul}
+
+
 def dev(t):
     return t.to(DEVICE)
 
@@ -44,9 +49,14 @@ def test_dequantize_is_bit_exact(qm):
     assert same_bits(fast.dequantize(dev(qm)).cpu(), reference.dequantize(qm))
 
 
+DTYPES = st.sampled_from([torch.float16, torch.bfloat16, torch.float32])
+
+
 @settings(max_examples=10)
-@given(qm=qmatrices(**SMALL), data=st.data(), dtype=st.sampled_from([torch.float16, torch.bfloat16, torch.float32]))
+@given(qm=qmatrices(**SMALL), data=st.data(), dtype=DTYPES)
 def test_matmul_within_bound(qm, data, dtype):
+    """``fast.matmul`` as users call it (M up to 64: all three paths), on any layer and x the
+    strategies draw (zero-heavy layers and activation outliers included)."""
     x = data.draw(matmul_inputs(qm, max_m=64, dtype=dtype))
     y = fast.matmul(dev(x), dev(qm)).cpu()
     b, y_ref = exact_product(x, qm)
@@ -55,8 +65,20 @@ def test_matmul_within_bound(qm, data, dtype):
 
 
 @settings(max_examples=12)
-@given(qm=qmatrices(**SMALL), data=st.data(), splits=st.sampled_from([1, 2, None, 1000]),
-       dtype=st.sampled_from([torch.float16, torch.bfloat16, torch.float32]),
+@given(qm=qmatrices(zero_heavy=True, **SMALL), data=st.data(), path=st.sampled_from(sorted(MATMUL_PATHS)), dtype=DTYPES)
+def test_every_matmul_path_within_bound_on_zero_heavy_layers_with_outliers(qm, data, path, dtype):
+    """Each path called directly (GEMV, fused, dequantize + matmul, reference) where a product
+    computed as ``s (sum x q - z sum x)`` leaves the bound: most weights 0 (codes at the zero
+    point) and activations with outliers, so large ``x_k`` meet zero weights."""
+    x = data.draw(matmul_inputs(qm, max_m=fast.GEMV_MAX_M if path == "gemv" else 64, dtype=dtype, outliers=True))
+    y = MATMUL_PATHS[path](dev(x), dev(qm)).cpu()
+    b, y_ref = exact_product(x, qm)
+    assert y.dtype == dtype and y.shape == (x.shape[0], qm.out_features)
+    assert matmul_within_bound(y, y_ref, x, b, qm.bias)
+
+
+@settings(max_examples=12)
+@given(qm=qmatrices(**SMALL), data=st.data(), splits=st.sampled_from([1, 2, None, 1000]), dtype=DTYPES,
        config=st.sampled_from([None, GemvConfig(block_n=32, warps=1, permute_x=True), GemvConfig(block_n=64, warps=2)]))
 def test_gemv_within_bound_for_any_split(qm, data, splits, dtype, config):
     """The split-K GEMV (M <= GEMV_MAX_M) for every width, split of K into parts and launch
@@ -91,10 +113,6 @@ def test_gemv_reads_each_width_at_its_offsets():
     expected = (codes - zero[:, None]).float()[:: 7]
     for m in range(0, x.shape[0], fast.GEMV_MAX_M):
         assert torch.equal(ops.gemv(dev(x[m:m + fast.GEMV_MAX_M]), dev(qm), 3).cpu(), expected[m:m + fast.GEMV_MAX_M])
-
-
-MATMUL_PATHS = {"gemv": ops.gemv, "fused": ops.fused_matmul, "dequantize+matmul": ops.dequantize_matmul,
-                "reference": lambda x, qm: reference.matmul(x, qm)}
 
 
 @pytest.mark.parametrize("bits", WIDTHS)
