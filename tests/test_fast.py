@@ -3,6 +3,7 @@ bit-exact dequantize, packing and codes; matmul within the spec's bound; quantiz
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -265,7 +266,6 @@ def test_kernels_compile_for_a_gpu():
     no more instructions per 4-bit weight than the budgets that let them run near memory speed
     (tuning.*_INSTRUCTIONS_PER_WEIGHT_BUDGET; static counts, not timings)."""
     import json
-    import os
     from pathlib import Path
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -300,10 +300,11 @@ def test_cli_fast_backend_matches_reference(tmp_path):
     qm = reference.quantize(torch.randn(45, 96), QParams(32, [5, 4], [0.5, 0.5]), bias=torch.randn(45))
     save_tensors(tmp_path / "m.safetensors", qm.to_tensors("layer"))
     outs = []
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the command opts in by itself
     for backend in ("reference", "fast"):
         out = tmp_path / f"{backend}.safetensors"
         r = subprocess.run([sys.executable, "-m", "exl2.cli", "dequantize", str(tmp_path / "m.safetensors"), "-o",
-                            str(out), "--backend", backend], capture_output=True, text=True)
+                            str(out), "--backend", backend], capture_output=True, text=True, env=env)
         assert r.returncode == 0, r.stderr
         outs.append(out.read_bytes())
         if backend == "fast" and not torch.cuda.is_available():

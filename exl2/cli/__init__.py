@@ -12,6 +12,7 @@ import sys
 import typer
 
 from ..errors import ContainerError, Exl2Error
+from ..extras import missing_extra
 
 app = typer.Typer(
     name="exl2",
@@ -43,6 +44,13 @@ def main() -> None:
     except KeyboardInterrupt:
         print("exl2: interrupted", file=sys.stderr)
         sys.exit(130)
+    except ModuleNotFoundError as e:  # a verb that needs an extra that is not installed
+        hint = missing_extra(e)
+        if hint is None:
+            print(f"exl2: internal error (please report): ModuleNotFoundError: {e}", file=sys.stderr)
+            sys.exit(3)
+        print(f"exl2: error: {hint}", file=sys.stderr)
+        sys.exit(2)
     except Exception as e:  # a bug of ours: still one line, but say it is one
         print(f"exl2: internal error (please report): {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
               file=sys.stderr)

@@ -69,7 +69,9 @@ def checked_load(tensors: Tensors, prefix: str) -> QMatrix:
 
 def _fast_module():
     try:
-        return importlib.import_module("exl2.fast")
+        fast = importlib.import_module("exl2.fast")
+        fast.interpreted  # noqa: B018 - loads the kernels: triton missing or broken shows here
+        return fast
     except Exception as e:  # triton missing or broken: say so in one line
         raise ContainerError(f"backend 'fast' is not usable here: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
                              f" (install exl2[fast], or use --backend reference)") from None

@@ -16,19 +16,25 @@ from .tuning import (DEQUANT_BLOCK_N, DEQUANT_WARPS, ENCODE_BLOCK_N, FUSED_BLOCK
 
 def interpreted() -> bool:
     """Whether the kernels run under Triton's interpreter (decided when triton decorated them,
-    from ``TRITON_INTERPRET`` at that time)."""
+    from ``TRITON_INTERPRET`` at that time: :func:`exl2.fast.use_interpreter`)."""
     return not isinstance(kernels.dequantize_kernel, triton.runtime.JITFunction)
 
 
+#: How to run without a GPU, for error messages.
+HOW_TO_INTERPRET = ("without a GPU, opt in to Triton's interpreter (slow) before anything imports triton: "
+                    "call exl2.fast.use_interpreter(), or set TRITON_INTERPRET=1")
+
+
 def check_device(t: torch.Tensor, what: str = "the QMatrix") -> None:
-    """Compiled kernels need GPU tensors; Triton's interpreter (``TRITON_INTERPRET=1``, set before
-    triton is imported) needs CPU tensors. Anything else is refused before a launch."""
+    """Compiled kernels need GPU tensors; Triton's interpreter (opted into before triton was
+    imported) needs CPU tensors. Anything else is refused before a launch, saying what to do."""
     if interpreted() and t.device.type != "cpu":
-        raise RuntimeError(f"exl2.fast runs under Triton's interpreter here (TRITON_INTERPRET=1) and needs CPU "
-                           f"tensors; {what} is on {t.device}")
+        raise RuntimeError(f"exl2.fast runs under Triton's interpreter in this process (TRITON_INTERPRET=1) and "
+                           f"needs CPU tensors; {what} is on {t.device}")
     if not interpreted() and not t.is_cuda:
-        raise RuntimeError(f"exl2.fast needs GPU tensors ({what} is on {t.device}); move it with .to('cuda'), or "
-                           f"set TRITON_INTERPRET=1 before importing triton to run the kernels slowly on the CPU")
+        gpu = torch.cuda.is_available()
+        raise RuntimeError(f"exl2.fast needs GPU tensors ({what} is on {t.device}); "
+                           + ("move it with .to('cuda')" if gpu else f"no GPU is visible: {HOW_TO_INTERPRET}"))
 
 
 def check(qm: QMatrix) -> None:
