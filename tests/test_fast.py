@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -92,14 +93,18 @@ def test_gemv_within_bound_for_any_split(qm, data, splits, dtype, config):
 
 
 def test_gemv_is_deterministic():
+    """Two calls, the same bits: the split-K partial sums are added in a fixed order. (Under the
+    interpreter programs run one after another, so this can only fail compiled, on a GPU.)"""
     qm = dev(reference.quantize(torch.randn(40, 256), QParams(32, [6, 2], [0.5, 0.5])))
     x = dev(torch.randn(3, 256))
     assert torch.equal(ops.gemv(x, qm, 4), ops.gemv(x, qm, 4))
 
 
-def test_gemv_reads_each_width_at_its_offsets():
-    """One layer with every width, unit scales and codes equal to (row + column) mod 2^bits:
-    the product with one-hot x recovers each stored row exactly (a check by hand of spec 5.1)."""
+def hand_layer():
+    """One layer with a group of every width, codes ``(row + column) mod 2^bits``, unit scales
+    (scale code 15: ``(15 + 1)^2 / 256`` times a maximum of 1) and stored row ``k`` holding input
+    feature ``(37 k) mod K``; and its weights worked out by hand from spec 4.5 and 6.3 (not by
+    the reference): ``B[q_perm[k], n] = code[k, n] - 2^(bits - 1)``."""
     plan, row = [], 0
     for bits in WIDTHS:
         plan.append((bits, row, row_granule(bits)))
@@ -107,13 +112,29 @@ def test_gemv_reads_each_width_at_its_offsets():
     k, n = row, 40
     r = torch.arange(k)[:, None] + torch.arange(n)[None, :]
     codes = torch.cat([r[a:a + m] % (1 << b) for b, a, m in plan])
-    qs = torch.full((len(plan), n), 16)  # (c + 1)^2 = 256: scale = max / 256 * 256
-    qm = reference.pack(codes, plan, qs, torch.ones(len(plan)), torch.arange(k, dtype=torch.int32), n)
+    q_perm = torch.arange(k) * 37 % k  # 37 is prime to K = 240: a permutation
+    qm = reference.pack(codes, plan, torch.full((len(plan), n), 16), torch.ones(len(plan)),
+                        torch.argsort(q_perm).to(torch.int32), n)
     zero = torch.tensor([1 << (b - 1) for b, _, m in plan for _ in range(m)])
-    x = torch.eye(k)[:: 7]  # rows 0, 7, 14, ...: one-hot inputs
-    expected = (codes - zero[:, None]).float()[:: 7]
-    for m in range(0, x.shape[0], fast.GEMV_MAX_M):
-        assert torch.equal(ops.gemv(dev(x[m:m + fast.GEMV_MAX_M]), dev(qm), 3).cpu(), expected[m:m + fast.GEMV_MAX_M])
+    expected = torch.empty(k, n)
+    expected[q_perm] = (codes - zero[:, None]).float()
+    return qm, expected
+
+
+def test_dequantize_reads_each_width_at_its_offsets():
+    qm, expected = hand_layer()
+    assert torch.equal(fast.dequantize(dev(qm)).cpu()[:, :40], expected.half())
+
+
+@pytest.mark.parametrize("path", ["gemv", "fused"])
+def test_products_read_each_width_at_its_offsets(path):
+    """One-hot rows of x pick rows of B: each must come out exactly (the values are small integers)."""
+    qm, expected = hand_layer()
+    rows = MATMUL_PATHS[path]
+    x = torch.eye(qm.in_features)[::7]  # input features 0, 7, 14, ...
+    step = fast.GEMV_MAX_M if path == "gemv" else x.shape[0]
+    for m in range(0, x.shape[0], step):
+        assert torch.equal(rows(dev(x[m:m + step]), dev(qm)).cpu(), expected[::7][m:m + step])
 
 
 @pytest.mark.parametrize("bits", WIDTHS)
@@ -151,21 +172,42 @@ def test_matmul_paths_and_batch_shape(m):
 @settings(max_examples=12)
 @given(bits=st.sampled_from(WIDTHS), blocks=st.integers(1, 3), cols=st.integers(1, 70), seed=st.integers(0, 2**31))
 def test_packing_is_bit_exact(bits, blocks, cols, seed):
+    """The pack kernel against spec 5.1 written out with Python integers (a block's codes as one
+    little-endian bit string, cut into 32-bit words), and against the reference."""
     codes = torch.randint(0, 1 << bits, (blocks * BLOCKS[bits].rows, cols), generator=torch.Generator().manual_seed(seed))
-    assert torch.equal(fast.pack_codes(dev(codes), bits).cpu(), reference.pack_codes(codes, bits))
+    words = fast.pack_codes(dev(codes), bits).cpu()
+    assert torch.equal(words, reference.pack_codes(codes, bits))
+    assert (words.long() & 0xFFFFFFFF).T.tolist() == [spec_words(column, bits) for column in codes.T.tolist()]
+
+
+def spec_words(column: list[int], bits: int) -> list[int]:
+    """Spec 5.1 for one column: per block, ``S = sum c_i 2^(i b)`` and word ``w`` = bits
+    ``[32 w, 32 w + 32)`` of ``S``."""
+    blk, out = BLOCKS[bits], []
+    for j in range(0, len(column), blk.rows):
+        s = sum(c << (i * bits) for i, c in enumerate(column[j:j + blk.rows]))
+        out += [(s >> (32 * w)) & 0xFFFFFFFF for w in range(blk.words)]
+    return out
 
 
 @settings(max_examples=12)
 @given(bits=st.sampled_from(WIDTHS), seed=st.integers(0, 2**31))
 def test_codes_given_scales_are_bit_exact(bits, seed):
+    """The encode kernel against spec 7.3's formula written out here, and against the reference."""
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(20, 37, generator=g) * 3
     scale = reference.decoded_scales(torch.randint(1, 17, (37,), generator=g), torch.tensor(0.05).half())
     # include exact ties: values at half-integers of the scale
     w[0] = (torch.arange(37) - 18.5) * scale
-    c1, v1 = (t.cpu() for t in fast.encode_rows(dev(w), dev(scale), bits))
+    codes, values = (t.cpu() for t in fast.encode_rows(dev(w), dev(scale), bits))
+    # spec 7.3 in numpy: a correctly rounded float32 division, rint ties to even, clamp; the
+    # value half((q - z) s), whose float32 product is exact
+    z, w32, s32 = 1 << (bits - 1), w.numpy().astype(np.float32), scale.float().numpy()
+    q = np.clip(np.rint(w32 / s32) + z, 0, (1 << bits) - 1)
+    assert torch.equal(codes, torch.from_numpy(q.astype(np.int64)))
+    assert torch.equal(values, torch.from_numpy(((q - z).astype(np.float32) * s32).astype(np.float16).astype(np.float32)))
     c2, v2 = reference.encode_rows(w, scale, bits)
-    assert torch.equal(c1, c2) and torch.equal(v1, v2)
+    assert torch.equal(codes, c2) and torch.equal(values, v2)
 
 
 @st.composite
@@ -178,9 +220,12 @@ def qparams(draw) -> QParams:
 
 @settings(max_examples=8)
 @given(qp=qparams(), rows=st.integers(1, 4), cols=st.integers(1, 70), seed=st.integers(0, 2**31), bias=st.booleans())
-def test_round_to_nearest_quantize_matches(qp, rows, cols, seed, bias):
-    """Same tensors as the reference (the scale search is the reference's own, on the device, so
-    even the multiplier agrees; codes and packing bit-exact)."""
+def test_quantize_plugs_the_kernels_into_the_reference_driver(qp, rows, cols, seed, bias):
+    """Plumbing: ``fast.quantize`` is the reference's driver (scale search, group plan,
+    permutation, scale packing) with the fast path's encode and pack kernels plugged in, so
+    q_scale, q_scale_max, q_groups, q_invperm and the bias agree by construction; only q_weight
+    depends on the kernels here. The kernels' own parts are checked alone against the spec's
+    formulas in test_codes_given_scales_are_bit_exact and test_packing_is_bit_exact."""
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(cols, rows * 32, generator=g) * torch.rand(1, rows * 32, generator=g)
     b = torch.randn(cols, generator=g) if bias else None
@@ -195,7 +240,8 @@ def test_round_to_nearest_quantize_matches(qp, rows, cols, seed, bias):
        seed=st.integers(0, 2**31))
 def test_gptq_group_kernel_matches_the_row_loop(bits, rows, cols, seed):
     """The per-group GPTQ kernel against the row-by-row loop of the reference's algorithm
-    (codes within the GPTQ agreement bound; on the CPU interpreter they are identical)."""
+    (codes within the GPTQ agreement bound; on the CPU interpreter they are identical). The
+    scales come from the reference's search: an input here, the same for both sides."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(4 * rows, rows, generator=g)
     u = reference.encode._inverse_hessian_factor(x.T @ x / (4 * rows))
@@ -219,8 +265,9 @@ def test_gptq_within_bound():
     w = torch.randn(40, 64, generator=g)
     qp = QParams(32, [4, 3], [0.5, 0.5])
     a, b = fast.quantize(dev(w), qp, dev(h)).to("cpu"), reference.quantize(w, qp, h)
+    # plumbing (the reference's driver on both sides): the same act-order and group plan
     assert torch.equal(a.q_invperm, b.q_invperm) and torch.equal(a.q_groups, b.q_groups)
-    # equal values: equal codes; only the 40 real columns (padded ones always agree)
+    # the group kernel's part: equal values: equal codes; only the 40 real columns (padded ones always agree)
     agree = (reference.dequantize(a)[:, :40] == reference.dequantize(b)[:, :40]).double().mean()
     assert agree >= GPTQ_MIN_CODE_AGREEMENT
     ea = hessian_weighted_error(w.T, reference.dequantize(a)[:, :40], h)
