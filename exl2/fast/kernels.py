@@ -265,9 +265,9 @@ def _tile_product(acc0, acc1, acc2, acc3, w_ptrs, stride_qw, x_ptr, stride_xm, d
     ``sum x_j q_j - z sum x_j`` instead would cancel terms of size ``z |x_j|`` and lose float32
     steps of that size: issue 11). ``q_j - z`` comes from a signed field extraction of the
     :func:`_centred` words, as cheap as the unsigned one: the zero point costs one ``LOP3`` per
-    word, not an instruction per weight. The float16 rounding of each
-    decoded weight (spec 6.3) is skipped: it moves each term by at most 2^-11 of
-    ``|x_j| |B_j|``, inside the bound.
+    word, not an instruction per weight. The float16 rounding of each decoded weight (spec 6.3)
+    is skipped: it moves each term by at most 2^-11 of ``|x_j| |B_j|`` (scales are multiples of
+    2^-24, so products in float16's subnormal range are exact), inside the bound.
 
     Every tensor here is 1-D over the program's columns, one accumulator per row of x, and x
     values are scalars: a 2-D ``[M, BLOCK_N]`` accumulator would take a layout other than the
