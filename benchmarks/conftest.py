@@ -7,12 +7,12 @@ the ratios are printed at the end of the run.
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+if not torch.cuda.is_available():  # the fast path's cases run interpreted (their times mean nothing then)
+    from exl2.fast import use_interpreter
+
+    use_interpreter()
 
 #: Side-by-side comparisons measured in this run: name -> (ratio, {what: weights per second}).
 RATIOS: dict[str, tuple[float, dict[str, float]]] = {}

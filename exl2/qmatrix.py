@@ -21,7 +21,7 @@ from .layer_rules import (LAYER_TENSORS, OPTIONAL_TENSORS, Group, Violation, gro
                           run, stored_q_perm)
 
 
-def _refuse(v: Violation) -> None:
+def refuse(v: Violation) -> None:
     """Raise the first error of a rule table as a FormatError carrying its code."""
     if v.is_error:
         raise FormatError(v.message, tensor=v.tensor, code=v.code)
@@ -40,7 +40,7 @@ class GroupTable:
         if q_groups.dim() != 1 or q_groups.numel() == 0 or q_groups.numel() % 2:
             raise FormatError(f"must be a non-empty 1-D tensor of (bits, qrow) pairs, has shape "
                               f"{list(q_groups.shape)}", tensor="q_groups", code="EXL2-T003")
-        return cls(run(group_table(q_groups.to(torch.int64).view(-1, 2).tolist(), num_qrows, in_features), _refuse))
+        return cls(run(group_table(q_groups.to(torch.int64).view(-1, 2).tolist(), num_qrows, in_features), refuse))
 
     def __len__(self) -> int:
         return len(self.groups)
@@ -98,7 +98,7 @@ class QMatrix:
         if self.bias is not None:
             tensors["bias"] = self.bias
         n = int(self.out_features) if self.out_features else None
-        groups = run(layer_rules(tensors, n), _refuse)
+        groups = run(layer_rules(tensors, n), refuse)
         cols = self.q_weight.shape[1]
         if n is not None and not cols - COLUMN_PAD < n <= cols:
             raise ValueError(f"out_features {n} does not pad to q_weight's {cols} columns")
@@ -116,10 +116,10 @@ class QMatrix:
         key = (lambda n: f"{prefix}.{n}") if prefix else (lambda n: n)
         got = {n: tensors[key(n)] for n in (*LAYER_TENSORS, *OPTIONAL_TENSORS) if key(n) in tensors}
         try:
-            run(required_tensors(got), _refuse)
+            run(required_tensors(got), refuse)
             qm = cls(**{n: got[n] for n in LAYER_TENSORS}, bias=got.get("bias"), out_features=out_features or 0)
             if "q_perm" in got:
-                run(stored_q_perm(got["q_perm"], qm.q_invperm), _refuse)
+                run(stored_q_perm(got["q_perm"], qm.q_invperm), refuse)
         except FormatError as e:
             raise FormatError(e.message, tensor=key(e.tensor) if e.tensor else prefix or None, code=e.code) from None
         return qm

@@ -3,9 +3,11 @@ bit-exact dequantize, packing and codes; matmul within the spec's bound; quantiz
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -21,6 +23,11 @@ from exl2.reference.bounds import GPTQ_MAX_ERROR_RATIO, GPTQ_MIN_CODE_AGREEMENT,
 SMALL = dict(max_groups=3, max_group_rows=64, max_out_features=70)
 #: The fast path runs compiled on a GPU when there is one (benchmarks/gpu.sh), interpreted on the CPU otherwise.
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+#: The matmul paths, each called directly: ``fast.matmul`` picks one by the rows of x.
+MATMUL_PATHS = {"gemv": ops.gemv, "fused": ops.fused_matmul, "dequantize+matmul": ops.dequantize_matmul,
+                "reference": reference.matmul}
 
 
 def dev(t):
@@ -44,9 +51,14 @@ def test_dequantize_is_bit_exact(qm):
     assert same_bits(fast.dequantize(dev(qm)).cpu(), reference.dequantize(qm))
 
 
+DTYPES = st.sampled_from([torch.float16, torch.bfloat16, torch.float32])
+
+
 @settings(max_examples=10)
-@given(qm=qmatrices(**SMALL), data=st.data(), dtype=st.sampled_from([torch.float16, torch.bfloat16, torch.float32]))
+@given(qm=qmatrices(**SMALL), data=st.data(), dtype=DTYPES)
 def test_matmul_within_bound(qm, data, dtype):
+    """``fast.matmul`` as users call it (M up to 64: all three paths), on any layer and x the
+    strategies draw (zero-heavy layers and activation outliers included)."""
     x = data.draw(matmul_inputs(qm, max_m=64, dtype=dtype))
     y = fast.matmul(dev(x), dev(qm)).cpu()
     b, y_ref = exact_product(x, qm)
@@ -55,8 +67,20 @@ def test_matmul_within_bound(qm, data, dtype):
 
 
 @settings(max_examples=12)
-@given(qm=qmatrices(**SMALL), data=st.data(), splits=st.sampled_from([1, 2, None, 1000]),
-       dtype=st.sampled_from([torch.float16, torch.bfloat16, torch.float32]),
+@given(qm=qmatrices(zero_heavy=True, **SMALL), data=st.data(), path=st.sampled_from(sorted(MATMUL_PATHS)), dtype=DTYPES)
+def test_every_matmul_path_within_bound_on_zero_heavy_layers_with_outliers(qm, data, path, dtype):
+    """Each path called directly (GEMV, fused, dequantize + matmul, reference) where a product
+    computed as ``s (sum x q - z sum x)`` leaves the bound: most weights 0 (codes at the zero
+    point) and activations with outliers, so large ``x_k`` meet zero weights."""
+    x = data.draw(matmul_inputs(qm, max_m=fast.GEMV_MAX_M if path == "gemv" else 64, dtype=dtype, outliers=True))
+    y = MATMUL_PATHS[path](dev(x), dev(qm)).cpu()
+    b, y_ref = exact_product(x, qm)
+    assert y.dtype == dtype and y.shape == (x.shape[0], qm.out_features)
+    assert matmul_within_bound(y, y_ref, x, b, qm.bias)
+
+
+@settings(max_examples=12)
+@given(qm=qmatrices(**SMALL), data=st.data(), splits=st.sampled_from([1, 2, None, 1000]), dtype=DTYPES,
        config=st.sampled_from([None, GemvConfig(block_n=32, warps=1, permute_x=True), GemvConfig(block_n=64, warps=2)]))
 def test_gemv_within_bound_for_any_split(qm, data, splits, dtype, config):
     """The split-K GEMV (M <= GEMV_MAX_M) for every width, split of K into parts and launch
@@ -69,14 +93,18 @@ def test_gemv_within_bound_for_any_split(qm, data, splits, dtype, config):
 
 
 def test_gemv_is_deterministic():
+    """Two calls, the same bits: the split-K partial sums are added in a fixed order. (Under the
+    interpreter programs run one after another, so this can only fail compiled, on a GPU.)"""
     qm = dev(reference.quantize(torch.randn(40, 256), QParams(32, [6, 2], [0.5, 0.5])))
     x = dev(torch.randn(3, 256))
     assert torch.equal(ops.gemv(x, qm, 4), ops.gemv(x, qm, 4))
 
 
-def test_gemv_reads_each_width_at_its_offsets():
-    """One layer with every width, unit scales and codes equal to (row + column) mod 2^bits:
-    the product with one-hot x recovers each stored row exactly (a check by hand of spec 5.1)."""
+def hand_layer():
+    """One layer with a group of every width, codes ``(row + column) mod 2^bits``, unit scales
+    (scale code 15: ``(15 + 1)^2 / 256`` times a maximum of 1) and stored row ``k`` holding input
+    feature ``(37 k) mod K``; and its weights worked out by hand from spec 4.5 and 6.3 (not by
+    the reference): ``B[q_perm[k], n] = code[k, n] - 2^(bits - 1)``."""
     plan, row = [], 0
     for bits in WIDTHS:
         plan.append((bits, row, row_granule(bits)))
@@ -84,13 +112,51 @@ def test_gemv_reads_each_width_at_its_offsets():
     k, n = row, 40
     r = torch.arange(k)[:, None] + torch.arange(n)[None, :]
     codes = torch.cat([r[a:a + m] % (1 << b) for b, a, m in plan])
-    qs = torch.full((len(plan), n), 16)  # (c + 1)^2 = 256: scale = max / 256 * 256
-    qm = reference.pack(codes, plan, qs, torch.ones(len(plan)), torch.arange(k, dtype=torch.int32), n)
+    q_perm = torch.arange(k) * 37 % k  # 37 is prime to K (176): a permutation
+    qm = reference.pack(codes, plan, torch.full((len(plan), n), 16), torch.ones(len(plan)),
+                        torch.argsort(q_perm).to(torch.int32), n)
     zero = torch.tensor([1 << (b - 1) for b, _, m in plan for _ in range(m)])
-    x = torch.eye(k)[:: 7]  # rows 0, 7, 14, ...: one-hot inputs
-    expected = (codes - zero[:, None]).float()[:: 7]
-    for m in range(0, x.shape[0], fast.GEMV_MAX_M):
-        assert torch.equal(ops.gemv(dev(x[m:m + fast.GEMV_MAX_M]), dev(qm), 3).cpu(), expected[m:m + fast.GEMV_MAX_M])
+    expected = torch.empty(k, n)
+    expected[q_perm] = (codes - zero[:, None]).float()
+    return qm, expected
+
+
+def test_dequantize_reads_each_width_at_its_offsets():
+    qm, expected = hand_layer()
+    assert torch.equal(fast.dequantize(dev(qm)).cpu()[:, :40], expected.half())
+
+
+@pytest.mark.parametrize("path", ["gemv", "fused"])
+def test_products_read_each_width_at_its_offsets(path):
+    """One-hot rows of x pick rows of B: each must come out exactly (the values are small integers)."""
+    qm, expected = hand_layer()
+    rows = MATMUL_PATHS[path]
+    x = torch.eye(qm.in_features)[::7]  # input features 0, 7, 14, ...
+    step = fast.GEMV_MAX_M if path == "gemv" else x.shape[0]
+    for m in range(0, x.shape[0], step):
+        assert torch.equal(rows(dev(x[m:m + step]), dev(qm)).cpu(), expected[::7][m:m + step])
+
+
+@pytest.mark.parametrize("bits", WIDTHS)
+@pytest.mark.parametrize("path", MATMUL_PATHS)
+def test_matmul_error_scales_with_the_weights_not_the_zero_point(path, bits):
+    """Issue 11's case: every code at the zero point (weight 0) but one, and an activation
+    outlier on a zero weight, x = [1000, 0.001, 0, ...]. The exact product is 0.001 * B[1] (B[1]
+    = 1: scale nibble 15, maximum 1); spec 8.2.1 allows about 2^-9 of that. A kernel that
+    computes ``s (sum x q - z sum x)`` cancels ``1000 z`` against itself and is off by float32's
+    step at 1000 z (0.0078 at 8 bits)."""
+    k, n = row_granule(bits), 32
+    codes = torch.full((k, n), 1 << (bits - 1))
+    codes[1] += 1
+    qm = reference.pack(codes, [(bits, 0, k)], torch.full((1, n), 16), torch.ones(1), torch.arange(k, dtype=torch.int32),
+                        n)
+    x = torch.zeros(1, k)
+    x[0, 0], x[0, 1] = 1000.0, 0.001
+    b = reference.dequantize(qm)
+    assert torch.equal(b[1], torch.ones(n, dtype=torch.float16)) and not b[[0, *range(2, k)]].any()
+    y = MATMUL_PATHS[path](dev(x), dev(qm)).cpu()
+    exact = x.double() @ b.double()
+    assert matmul_within_bound(y, exact, x, b), (y[0, :4], exact[0, :4])
 
 
 @pytest.mark.parametrize("m", [1, 3, 5, 33])  # GEMV, fused kernel, dequantize + torch.matmul
@@ -106,21 +172,42 @@ def test_matmul_paths_and_batch_shape(m):
 @settings(max_examples=12)
 @given(bits=st.sampled_from(WIDTHS), blocks=st.integers(1, 3), cols=st.integers(1, 70), seed=st.integers(0, 2**31))
 def test_packing_is_bit_exact(bits, blocks, cols, seed):
+    """The pack kernel against spec 5.1 written out with Python integers (a block's codes as one
+    little-endian bit string, cut into 32-bit words), and against the reference."""
     codes = torch.randint(0, 1 << bits, (blocks * BLOCKS[bits].rows, cols), generator=torch.Generator().manual_seed(seed))
-    assert torch.equal(fast.pack_codes(dev(codes), bits).cpu(), reference.pack_codes(codes, bits))
+    words = fast.pack_codes(dev(codes), bits).cpu()
+    assert torch.equal(words, reference.pack_codes(codes, bits))
+    assert (words.long() & 0xFFFFFFFF).T.tolist() == [spec_words(column, bits) for column in codes.T.tolist()]
+
+
+def spec_words(column: list[int], bits: int) -> list[int]:
+    """Spec 5.1 for one column: per block, ``S = sum c_i 2^(i b)`` and word ``w`` = bits
+    ``[32 w, 32 w + 32)`` of ``S``."""
+    blk, out = BLOCKS[bits], []
+    for j in range(0, len(column), blk.rows):
+        s = sum(c << (i * bits) for i, c in enumerate(column[j:j + blk.rows]))
+        out += [(s >> (32 * w)) & 0xFFFFFFFF for w in range(blk.words)]
+    return out
 
 
 @settings(max_examples=12)
 @given(bits=st.sampled_from(WIDTHS), seed=st.integers(0, 2**31))
 def test_codes_given_scales_are_bit_exact(bits, seed):
+    """The encode kernel against spec 7.3's formula written out here, and against the reference."""
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(20, 37, generator=g) * 3
     scale = reference.decoded_scales(torch.randint(1, 17, (37,), generator=g), torch.tensor(0.05).half())
     # include exact ties: values at half-integers of the scale
     w[0] = (torch.arange(37) - 18.5) * scale
-    c1, v1 = (t.cpu() for t in fast.encode_rows(dev(w), dev(scale), bits))
+    codes, values = (t.cpu() for t in fast.encode_rows(dev(w), dev(scale), bits))
+    # spec 7.3 in numpy: a correctly rounded float32 division, rint ties to even, clamp; the
+    # value half((q - z) s), whose float32 product is exact
+    z, w32, s32 = 1 << (bits - 1), w.numpy().astype(np.float32), scale.float().numpy()
+    q = np.clip(np.rint(w32 / s32) + z, 0, (1 << bits) - 1)
+    assert torch.equal(codes, torch.from_numpy(q.astype(np.int64)))
+    assert torch.equal(values, torch.from_numpy(((q - z).astype(np.float32) * s32).astype(np.float16).astype(np.float32)))
     c2, v2 = reference.encode_rows(w, scale, bits)
-    assert torch.equal(c1, c2) and torch.equal(v1, v2)
+    assert torch.equal(codes, c2) and torch.equal(values, v2)
 
 
 @st.composite
@@ -133,9 +220,12 @@ def qparams(draw) -> QParams:
 
 @settings(max_examples=8)
 @given(qp=qparams(), rows=st.integers(1, 4), cols=st.integers(1, 70), seed=st.integers(0, 2**31), bias=st.booleans())
-def test_round_to_nearest_quantize_matches(qp, rows, cols, seed, bias):
-    """Same tensors as the reference (the scale search is the reference's own, on the device, so
-    even the multiplier agrees; codes and packing bit-exact)."""
+def test_quantize_plugs_the_kernels_into_the_reference_driver(qp, rows, cols, seed, bias):
+    """Plumbing: ``fast.quantize`` is the reference's driver (scale search, group plan,
+    permutation, scale packing) with the fast path's encode and pack kernels plugged in, so
+    q_scale, q_scale_max, q_groups, q_invperm and the bias agree by construction; only q_weight
+    depends on the kernels here. The kernels' own parts are checked alone against the spec's
+    formulas in test_codes_given_scales_are_bit_exact and test_packing_is_bit_exact."""
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(cols, rows * 32, generator=g) * torch.rand(1, rows * 32, generator=g)
     b = torch.randn(cols, generator=g) if bias else None
@@ -150,7 +240,8 @@ def test_round_to_nearest_quantize_matches(qp, rows, cols, seed, bias):
        seed=st.integers(0, 2**31))
 def test_gptq_group_kernel_matches_the_row_loop(bits, rows, cols, seed):
     """The per-group GPTQ kernel against the row-by-row loop of the reference's algorithm
-    (codes within the GPTQ agreement bound; on the CPU interpreter they are identical)."""
+    (codes within the GPTQ agreement bound; on the CPU interpreter they are identical). The
+    scales come from the reference's search: an input here, the same for both sides."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(4 * rows, rows, generator=g)
     u = reference.encode._inverse_hessian_factor(x.T @ x / (4 * rows))
@@ -174,8 +265,9 @@ def test_gptq_within_bound():
     w = torch.randn(40, 64, generator=g)
     qp = QParams(32, [4, 3], [0.5, 0.5])
     a, b = fast.quantize(dev(w), qp, dev(h)).to("cpu"), reference.quantize(w, qp, h)
+    # plumbing (the reference's driver on both sides): the same act-order and group plan
     assert torch.equal(a.q_invperm, b.q_invperm) and torch.equal(a.q_groups, b.q_groups)
-    # equal values: equal codes; only the 40 real columns (padded ones always agree)
+    # the group kernel's part: equal values: equal codes; only the 40 real columns (padded ones always agree)
     agree = (reference.dequantize(a)[:, :40] == reference.dequantize(b)[:, :40]).double().mean()
     assert agree >= GPTQ_MIN_CODE_AGREEMENT
     ea = hessian_weighted_error(w.T, reference.dequantize(a)[:, :40], h)
@@ -213,22 +305,25 @@ def test_backend_note_says_interpreted():
     assert "interpreter" in fast.backend_note()
 
 
-def test_kernels_compile_for_a_gpu():
+def test_kernels_compile_for_a_gpu(tmp_path):
     """Every kernel compiles for sm_90 (cubin) and for ROCm's gfx942 (hsaco) in the configurations
     ops launches (ahead of time, no GPU needed): catches errors only the compiler sees, which the
     interpreter does not.
     In the compiled code no kernel spills registers, and the GEMV at M = 1 and dequantize spend
     no more instructions per 4-bit weight than the budgets that let them run near memory speed
-    (tuning.*_INSTRUCTIONS_PER_WEIGHT_BUDGET; static counts, not timings)."""
+    (tuning.*_INSTRUCTIONS_PER_WEIGHT_BUDGET; static counts, not timings). With the Triton the
+    docs' figures were compiled with, the launches in use compile to exactly the counts and
+    registers docs/results/compiled.json holds (so a change to the kernels must refresh them)."""
     import json
-    import os
     from pathlib import Path
+
+    import triton
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
     script = Path(fast.__file__).with_name("aot_check.py")
-    r = subprocess.run([sys.executable, str(script), "--arch", "90", "--arch", "gfx942", "--sass", "--json"],
-                       capture_output=True, text=True, env=env, timeout=900)
+    r = subprocess.run([sys.executable, str(script), "--arch", "90", "--arch", "gfx942", "--sass", "--json", "--results",
+                        str(tmp_path)], capture_output=True, text=True, env=env, timeout=900)
     assert r.returncode == 0, r.stdout + r.stderr
     rows = [json.loads(line) for line in r.stdout.splitlines()]
     for arch in (90, "gfx942"):
@@ -240,6 +335,12 @@ def test_kernels_compile_for_a_gpu():
     assert gemv["M_MAX=1"]["instructions_per_weight"]["4"] <= GEMV_INSTRUCTIONS_PER_WEIGHT_BUDGET, gemv["M_MAX=1"]
     dequantize = next(row for row in rows if row["kernel"] == "dequantize_kernel")
     assert dequantize["instructions_per_weight"]["4"] <= DEQUANT_INSTRUCTIONS_PER_WEIGHT_BUDGET, dequantize
+    documented = json.loads((Path(__file__).parent.parent / "docs" / "results" / "compiled.json").read_text())
+    if documented["triton"] == triton.__version__:
+        now = json.loads((tmp_path / "compiled.json").read_text())["targets"]
+        for target, kernels_now in now.items():
+            for kernel, entry in kernels_now.items():
+                assert documented["targets"][target][kernel] == entry, (target, kernel)
 
 
 def aot_check_kernels() -> list[str]:
@@ -256,10 +357,11 @@ def test_cli_fast_backend_matches_reference(tmp_path):
     qm = reference.quantize(torch.randn(45, 96), QParams(32, [5, 4], [0.5, 0.5]), bias=torch.randn(45))
     save_tensors(tmp_path / "m.safetensors", qm.to_tensors("layer"))
     outs = []
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the command opts in by itself
     for backend in ("reference", "fast"):
         out = tmp_path / f"{backend}.safetensors"
         r = subprocess.run([sys.executable, "-m", "exl2.cli", "dequantize", str(tmp_path / "m.safetensors"), "-o",
-                            str(out), "--backend", backend], capture_output=True, text=True)
+                            str(out), "--backend", backend], capture_output=True, text=True, env=env)
         assert r.returncode == 0, r.stderr
         outs.append(out.read_bytes())
         if backend == "fast" and not torch.cuda.is_available():

@@ -4,6 +4,7 @@ break, backends are found by name, and the CLI and the pytest plugin report it."
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -164,16 +165,32 @@ def test_edited_vectors_cannot_run(vectors, tmp_path):
         run(load_backend("reference"), copy, examples=0)
 
 
-def test_pytest_plugin_in_a_users_project(tmp_path, vectors):
+@pytest.mark.parametrize("opt_in", ["-p", "conftest"])
+def test_pytest_plugin_in_a_users_project(tmp_path, vectors, opt_in):
+    """A project opts in with ``-p exl2.conformance.pytest_plugin`` or ``pytest_plugins`` in its
+    conftest.py (docs/porting.md); plugin autoloading is off here, so nothing else loads it."""
     (tmp_path / "test_mine.py").write_text(
         "from exl2.conformance.pytest_plugin import conformance_test\n"
         "test_good = conformance_test('exl2.reference', examples=2)\n"
         "test_bad = conformance_test('exl2.reference:dequantize_stored', examples=0)\n"
         "test_unnamed = conformance_test()\n")
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--exl2-vectors", str(vectors),
-                        "test_mine.py"], capture_output=True, text=True, cwd=tmp_path)
-    assert "1 failed, 1 passed, 1 skipped" in r.stdout, r.stdout[-3000:]
+    args = ["-p", "exl2.conformance.pytest_plugin"] if opt_in == "-p" else []
+    if opt_in == "conftest":
+        (tmp_path / "conftest.py").write_text('pytest_plugins = ["exl2.conformance.pytest_plugin"]\n')
+    env = {k: v for k, v in os.environ.items()} | {"PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"}
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args, "--exl2-vectors",
+                        str(vectors), "test_mine.py"], capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert "1 failed, 1 passed, 1 skipped" in r.stdout, r.stdout[-3000:] + r.stderr[-2000:]
     assert "exl2.reference:dequantize_stored fails EXL2 conformance" in r.stdout
+
+
+def test_pytest_plugin_needs_an_opt_in(tmp_path):
+    """Without ``-p`` or ``pytest_plugins`` (and no autoloading) its options do not exist."""
+    (tmp_path / "test_x.py").write_text("def test_x():\n    pass\n")
+    env = {k: v for k, v in os.environ.items()} | {"PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"}
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--exl2-examples", "3",
+                        "test_x.py"], capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert r.returncode != 0 and "unrecognized arguments: --exl2-examples" in r.stderr, r.stdout + r.stderr
 
 
 def test_plugin_module_imports_nothing_heavy_of_its_own():

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from hypothesis import find, given, settings
 from hypothesis import strategies as st
 
 from exl2.conformance.rules import check_layer, check_qmatrix
-from exl2.conformance.strategies import (MUTATIONS, LayerSpec, Stream, broken, broken_layers, layer_specs,
-                                         layer_tensors, matmul_inputs, qmatrices)
-from exl2.format import WIDTHS
+from exl2.conformance.strategies import (MUTATIONS, OUTLIER_SCALE, TINY_SCALE, LayerSpec, Stream, broken,
+                                         broken_layers, layer_specs, layer_tensors, matmul_inputs, qmatrices)
+from exl2.format import WIDTHS, zero_point
+from exl2.reference import column_scales, dequantize
+from exl2.reference.bounds import matmul_within_bound
+from exl2.reference.packing import unpack_codes
 
 
 def codes(findings, keep: str | None = None) -> set[str]:
@@ -82,11 +87,61 @@ def test_layer_tensors_carry_a_valid_q_perm(t):
     assert not codes(check_layer(t, "model.layers.0.mlp.up_proj"))
 
 
-@given(data=st.data(), qm=qmatrices(max_in_features=128))
-def test_matmul_inputs_fit_the_layer(data, qm):
-    x = data.draw(matmul_inputs(qm, max_m=64, dtype=torch.bfloat16))
+@given(data=st.data(), qm=qmatrices(max_in_features=128), outliers=st.booleans())
+def test_matmul_inputs_fit_the_layer(data, qm, outliers):
+    x = data.draw(matmul_inputs(qm, max_m=64, dtype=torch.bfloat16, outliers=outliers))
     assert x.dtype == torch.bfloat16 and x.shape[1] == qm.in_features and 1 <= x.shape[0] <= 64
-    assert float(x.abs().max()) <= 1
+    assert float(x.abs().max()) <= (OUTLIER_SCALE if outliers else 1)
+    # every value is k / 128 times 1, OUTLIER_SCALE or TINY_SCALE: exact in bfloat16 and float16
+    assert torch.equal(x.half().to(torch.bfloat16), x)
+
+
+def test_outliers_and_zero_heavy_layers_change_only_what_they_say():
+    spec = LayerSpec(groups=((4, 64), (2, 32)), out_features=70, seed=5, bias=True)
+    plain, heavy = spec.build(), replace(spec, zero_heavy=True).build()
+    for name in ("q_scale", "q_scale_max", "q_groups", "q_invperm", "bias"):
+        assert torch.equal(getattr(plain, name), getattr(heavy, name)), name
+    b_plain, b_heavy = dequantize(plain), dequantize(heavy)
+    kept = b_heavy != 0
+    assert torch.equal(b_heavy[kept], b_plain[kept])  # a weight is kept as it was, or is 0
+    zeroed = 1 - kept[:, :70].double().mean(0)  # per column: 1 - 2^-d, d in 1..8
+    assert 0.75 < float(zeroed.mean()) < 0.95 and float(zeroed.min()) < 0.7 and float(zeroed.max()) > 0.98
+    x = find(matmul_inputs(plain, outliers=True, dtype=torch.float32), lambda x: x.shape[0] >= 8,
+             settings=settings(database=None))
+    ratio = x.abs() / find(matmul_inputs(plain, outliers=False, dtype=torch.float32), lambda y: y.shape == x.shape,
+                           settings=settings(database=None)).abs()
+    assert {OUTLIER_SCALE, TINY_SCALE} <= set(ratio[ratio.isfinite()].unique().tolist()) <= {1.0, OUTLIER_SCALE,
+                                                                                              TINY_SCALE}
+
+
+def cancelling_matmul(x: torch.Tensor, qm) -> torch.Tensor:
+    """``x @ B`` computed as ``s (sum x q - z sum x)`` per group in float32: the formula of the
+    fast GEMV before issue 11's fix, whose error grows with ``z sum |x|``."""
+    xs = x.float()[:, qm.q_perm.long()]
+    scales = column_scales(qm).float()
+    y = torch.zeros(x.shape[0], qm.out_features_padded)
+    for g in qm.groups:
+        codes = unpack_codes(qm.q_weight[g.qrow:g.qrow + g.qrows], g.bits)[:g.rows].float()
+        part = xs[:, g.row:g.row + g.rows]
+        y += (part @ codes - zero_point(g.bits) * part.sum(1, keepdim=True)) * scales[g.index]
+    return y[:, :qm.out_features]
+
+
+@st.composite
+def stressed_products(draw):
+    qm = draw(qmatrices(max_in_features=256, zero_heavy=True))
+    return qm, draw(matmul_inputs(qm, max_m=4, dtype=torch.float32, outliers=True))
+
+
+def test_zero_heavy_layers_with_outliers_expose_a_cancelling_matmul():
+    """The stress options exist to catch this class of error: hypothesis finds a layer and x
+    where the cancelling formula leaves spec 8.2.1's bound (the exact product in float64)."""
+    def leaves_the_bound(case) -> bool:
+        qm, x = case
+        b = dequantize(qm)
+        return not matmul_within_bound(cancelling_matmul(x, qm), x.double() @ b[:, :qm.out_features].double(), x, b)
+
+    find(stressed_products(), leaves_the_bound, settings=settings(max_examples=200, database=None))
 
 
 @given(broken_layers())

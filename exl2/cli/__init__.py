@@ -15,6 +15,7 @@ import sys
 import typer
 
 from ..errors import Exl2Error, printable
+from ..extras import missing_extra
 
 app = typer.Typer(
     name="exl2",
@@ -73,6 +74,13 @@ def _run() -> int:
         return 130
     except BrokenPipeError:
         raise
+    except ModuleNotFoundError as e:  # a verb that needs an extra that is not installed
+        hint = missing_extra(e)
+        if hint is None:
+            print(internal_error(e), file=sys.stderr)
+            return 3
+        print(f"exl2: error: {hint}", file=sys.stderr)
+        return 2
     except Exception as e:  # a bug of ours: still one line, but say it is one
         print(internal_error(e), file=sys.stderr)
         return 3

@@ -47,11 +47,11 @@ def run_cmd(
     from . import fail
 
     try:
-        impl = load_backend(backend, device)
         if backend == "fast":
-            from .dequantize import note_fast_backend
+            from .dequantize import prepare_fast_backend
 
-            note_fast_backend()
+            prepare_fast_backend()
+        impl = load_backend(backend, device)
         results = run(impl, vectors, examples, seed)
     except Exl2Error as e:
         raise fail(e) from None

@@ -22,22 +22,25 @@ def backend_dequantize(name: str):
         return dequantize
     if name == "fast":
         try:
+            prepare_fast_backend()
             from .. import fast
-        except ImportError as e:  # triton is an optional extra
+        except ModuleNotFoundError as e:  # triton is an optional extra
             raise UsageError(f"--backend fast needs Triton, which is not installed ({e.name or e}): "
                              f"pip install 'exl2[fast]', or use --backend reference") from None
 
-        note_fast_backend()
         if fast.interpreted():
             return fast.dequantize
         return lambda qm: fast.dequantize(qm.to("cuda")).cpu()
     raise UsageError(f"unknown backend {name!r} (choose reference or fast)")
 
 
-def note_fast_backend() -> None:
-    """Tell the user, once, when the fast path will run under Triton's interpreter."""
+def prepare_fast_backend() -> None:
+    """Without a GPU, opt this process in to Triton's interpreter (exl2.fast never does so by
+    itself), and tell the user, once, that the fast path will run interpreted."""
     from .. import fast
 
+    if not torch.cuda.is_available():
+        fast.use_interpreter()
     note = fast.backend_note()
     if note:
         print(f"exl2: note: {note}", file=sys.stderr)

@@ -6,6 +6,8 @@ hypothesis strategies (public API for kernel authors).
 - :mod:`exl2.conformance.vectors` — ``export(DIR)``, the language-neutral vectors.
 - :mod:`exl2.conformance.harness` — ``run(backend)``, the harness behind ``exl2 conformance run``.
 - :mod:`exl2.conformance.strategies` — ``qmatrices()``, ``broken_layers()``, ``matmul_inputs()``.
+- :mod:`exl2.conformance.layers` — ``Stream``, ``LayerSpec``, the one-rule mutations: the
+  deterministic generator behind the strategies and the vectors (no hypothesis).
 - :mod:`exl2.conformance.pytest_plugin` — ``conformance_test(...)`` for your own CI.
 """
 

@@ -65,7 +65,9 @@ def checked_load(tensors: Tensors, prefix: str) -> QMatrix:
 
 def _fast_module():
     try:
-        return importlib.import_module("exl2.fast")
+        fast = importlib.import_module("exl2.fast")
+        fast.interpreted  # noqa: B018 - loads the kernels: triton missing or broken shows here
+        return fast
     except Exception as e:  # triton missing or broken: say so in one line
         raise ContainerError(f"backend 'fast' is not usable here: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
                              f" (install exl2[fast], or use --backend reference)") from None
@@ -218,6 +220,8 @@ def run(backend: Backend, vector_dir: str | Path | None = None, examples: int = 
     :class:`ContainerError` when the vectors cannot be read."""
     from . import vectors
 
+    if examples > 0:  # random layers need the conformance extra: say so before any other work
+        import hypothesis  # noqa: F401
     results = Results()
     with tempfile.TemporaryDirectory(prefix="exl2-vectors-") as tmp:
         directory = Path(vector_dir) if vector_dir is not None else Path(tmp) / "vectors"

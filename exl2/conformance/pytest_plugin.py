@@ -1,11 +1,17 @@
 """pytest plugin: run the EXL2 conformance suite against your own kernel, in your own CI.
 
-Installed with the ``exl2`` package (entry point ``exl2_conformance``), so it is active in every
-pytest run where exl2 is installed. In a test file of your project:
+Not loaded automatically (exl2 registers no pytest entry point, so it stays out of the pytest
+runs of projects that merely install exl2): a project opts in, in its conftest.py
+
+    pytest_plugins = ["exl2.conformance.pytest_plugin"]
+
+or on the command line with ``pytest -p exl2.conformance.pytest_plugin``. Then, in a test file:
 
     from exl2.conformance.pytest_plugin import conformance_test
 
     test_exl2_conformance = conformance_test("mypackage.kernels")   # or "mypackage.kernels:dequantize"
+
+Needs the ``conformance`` extra (``pip install 'exl2[conformance]'``: hypothesis, pydantic).
 
 The backend is named as for ``exl2 conformance run --backend`` (:mod:`exl2.conformance.harness`):
 a module or object with ``dequantize(qm)`` and optionally ``matmul(x, qm)``, ``load(tensors,
@@ -18,11 +24,8 @@ Options: ``--exl2-backend MODULE[:NAME]`` is used by ``conformance_test()`` call
 backend (which skips when neither is given); ``--exl2-vectors DIR`` uses an exported folder;
 ``--exl2-examples N`` (default 25). Fixture: ``exl2_vectors``, the folder of the vectors.
 
-With plugin autoloading disabled (``PYTEST_DISABLE_PLUGIN_AUTOLOAD``), add
-``pytest_plugins = ["exl2.conformance.pytest_plugin"]`` to your conftest.py.
-
 This module imports nothing of exl2 at import time and registers nothing but the options and
-the fixture, so it costs nothing in runs that do not use it.
+the fixture.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Language-neutral test vectors: ``exl2 conformance export DIR`` (docs/porting.md).
 
 Layout of DIR, the same bytes on every run and every machine (values come from
-:class:`exl2.conformance.strategies.Stream`, files are written with sorted keys and no
+:class:`exl2.conformance.layers.Stream`, files are written with sorted keys and no
 timestamps, ``y`` is an exactly rounded sum):
 
     manifest.json                    every vector: file, kind, features, comparison, sha256
@@ -35,7 +35,7 @@ from ..io import atomic_path, save_tensors
 from ..qmatrix import QMatrix
 from ..reference import dequantize
 from ..reference.bounds import MATMUL_ABS, MATMUL_REL
-from .strategies import MUTATIONS, LayerSpec, Mutation, Stream, broken
+from .layers import MUTATIONS, LayerSpec, Mutation, Stream, broken
 
 SCHEMA_VERSION = 1
 PREFIX = "layer"
@@ -109,7 +109,7 @@ def positives() -> list[Positive]:
 
 
 #: The base layer of the negative layer vectors (each mutation may prepare it, see
-#: :class:`exl2.conformance.strategies.Mutation`).
+#: :class:`exl2.conformance.layers.Mutation`).
 NEGATIVE_BASE = _layer([(6, 32), (6, 32), (4, 64), (2, 32)], 45, 20, bias=True)
 
 

@@ -5,6 +5,7 @@ handling, types of branches, layouts) show up on a machine without a GPU too, an
 compiled code can be read.
 
     python exl2/fast/aot_check.py [--arch 90] [--arch 80] [--arch gfx942] [--sass] [--json]
+    python exl2/fast/aot_check.py --arch 90 --sass --alternatives --results docs/results
 
 ``--arch`` takes a CUDA compute capability (80: A100, 90: H100/H200) or an AMD ``gfx`` name
 (gfx942: MI300X, gfx90a: MI250); by default 80, 90 and gfx942. Per kernel it prints registers per
@@ -13,6 +14,9 @@ Triton's ``cuobjdump`` (NVIDIA) or from the AMDGCN listing (VGPRs, scratch size)
 disassembles the GEMV and dequantize kernels (Triton's ``nvdisasm``) and counts, per width, the
 instructions a thread spends per decoded weight (and row of x, for the GEMV): the figure their
 speed hangs on when memory is not the limit (see docs/performance.md). ``--json`` prints one JSON object per compiled kernel instead of text.
+``--alternatives`` also compiles the GEMV's other launch configurations at M = 1
+(:data:`GEMV_ALTERNATIVES`); ``--results DIR`` writes ``DIR/compiled.json`` and the table
+``DIR/compiled.md``, which docs/performance.md and README.md quote (docs/figures.py).
 
 Run as a script, with TRITON_INTERPRET unset: it loads ``kernels.py`` and ``tuning.py`` by path,
 so that importing :mod:`exl2.fast` (which turns the interpreter on where there is no GPU) is not
@@ -57,6 +61,10 @@ POINTERS: dict[str, dict[str, str]] = {
 }
 ALIGNED_INTS = {"stride_xm", "stride_qw", "stride_qs", "stride_out", "stride_ym", "N", "K", "MN"}
 
+#: GEMV launches at M = 1 compared with the chosen one by ``--alternatives``: (columns per
+#: program, warps, x gathered), each compiled and counted like the configurations in use.
+GEMV_ALTERNATIVES = [(256, 4, False), (512, 4, False), (512, 2, False), (1024, 2, False), (1024, 2, True)]
+
 
 def load(name: str):
     spec = importlib.util.spec_from_file_location(f"exl2_fast_{name}", HERE / f"{name}.py")
@@ -81,6 +89,11 @@ def launches(tuning) -> list[tuple[str, str, dict[str, object], int]]:
         ("pack_kernel", "", dict(MAX_CODES=18, BLOCK_W=16, BLOCK_N=tuning.ENCODE_BLOCK_N), 4),
     ]
     return out
+
+
+def alternatives() -> list[tuple[str, str, dict[str, object], int]]:
+    return [("gemv_kernel", f"M_MAX=1 {n}x{w}w" + (" gathered" if g else ""), dict(M_MAX=1, BLOCK_N=n, X_PERMUTED=g), w)
+            for n, w, g in GEMV_ALTERNATIVES]
 
 
 def target(arch: str):
@@ -186,17 +199,22 @@ def main() -> int:
                    help="CUDA compute capability (90) or AMD gfx name (gfx942); default 80, 90 and gfx942")
     p.add_argument("--sass", action="store_true", help="count the GEMV's instructions per weight (nvdisasm)")
     p.add_argument("--json", action="store_true", help="one JSON object per compiled kernel")
+    p.add_argument("--alternatives", action="store_true", help="also the GEMV's other launches at M = 1")
+    p.add_argument("--results", type=Path, metavar="DIR", help="write DIR/compiled.json and DIR/compiled.md")
     args = p.parse_args()
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("unset TRITON_INTERPRET to compile", file=sys.stderr)
         return 2
     kernels, tuning = load("kernels"), load("tuning")
     failed = 0
+    rows = []
     for arch in args.arch or ["80", "90", "gfx942"]:
         prefix = arch if arch.startswith("gfx") else f"sm_{arch}"
-        for name, label, constexprs, warps in launches(tuning):
+        extra = [(n, label, c, w, True) for n, label, c, w in alternatives()] if args.alternatives else []
+        for name, label, constexprs, warps, alternative in [(*x, False) for x in launches(tuning)] + extra:
             t0 = time.perf_counter()
-            row = dict(arch=arch, kernel=name, config=label, warps=warps)
+            row = dict(arch=arch, kernel=name, config=label, warps=warps, alternative=alternative,
+                       block_n=constexprs.get("BLOCK_N"), gathered=bool(constexprs.get("X_PERMUTED", False)))
             try:
                 compiled = compile_kernel(kernels, name, constexprs, warps, arch)
                 amd = arch.startswith("gfx")
@@ -221,7 +239,56 @@ def main() -> int:
                           f"{b}b {v}" for b, v in ipw.items()) if ipw else "") + ")", flush=True)
             else:
                 print(f"{prefix} {name} {label}: FAILED {row['error']}", flush=True)
+            rows.append(row)
+    if args.results:
+        write_results(rows, args.results)
     return 1 if failed else 0
+
+
+def write_results(rows: list[dict], directory: Path) -> None:
+    """``compiled.json``: per target (``sm_90``, ``gfx942``) and kernel, registers, stack and
+    instructions per weight (keys without spaces or dots, for docs/figures.py): ``gemv.m1`` for
+    the GEMV launched at M <= 1, ``gemv_alternatives`` for ``--alternatives``; with those,
+    ``compiled.md``: the GEMV's launches at M = 1 in sm_90 code as a table."""
+    import triton
+
+    out: dict[str, dict] = {}
+    for row in (r for r in rows if r["ok"]):
+        target = row["arch"] if row["arch"].startswith("gfx") else f"sm_{row['arch']}"
+        entry = {k: row[k] for k in ("registers", "stack", "warps") if k in row}
+        if row.get("block_n"):
+            entry.update(block_n=row["block_n"], gathered=row["gathered"])
+        if "instructions_per_weight" in row:
+            entry["per_weight"] = {f"b{b}": v for b, v in row["instructions_per_weight"].items()}
+        kernels_out = out.setdefault(target, {})
+        name = row["kernel"].removesuffix("_kernel")
+        if row["alternative"]:
+            kernels_out.setdefault("gemv_alternatives", []).append(entry)
+        elif name == "gemv":
+            kernels_out.setdefault("gemv", {})[f"m{row['config'].split()[0].split('=')[1]}"] = entry
+        else:
+            kernels_out[name] = entry
+    directory.mkdir(parents=True, exist_ok=True)
+    data = dict(triton=triton.__version__, command=" ".join(["python exl2/fast/aot_check.py", *sys.argv[1:]]),
+                targets=out)
+    (directory / "compiled.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    if out.get("sm_90", {}).get("gemv_alternatives"):
+        (directory / "compiled.md").write_text(gemv_table(out["sm_90"]), encoding="utf-8")
+
+
+def gemv_table(sm90: dict) -> str:
+    """The GEMV's launches at M = 1 in sm_90 code: instructions per weight by width, registers, spills."""
+    chosen = sm90.get("gemv", {}).get("m1", {})
+    lines = ["| columns per program x warps | columns per thread | registers | stack (spills) | 2-bit | 3-bit | 4-bit "
+             "| 5-bit | 6-bit |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for e in sm90.get("gemv_alternatives", []):
+        label = f"{e['block_n']} x {e['warps']}" + (", x gathered" if e["gathered"] else "")
+        if (e["block_n"], e["warps"], e["gathered"]) == (chosen.get("block_n"), chosen.get("warps"), chosen.get("gathered")):
+            label = f"**{label}** (chosen)"
+        per = e.get("per_weight", {})
+        lines.append(f"| {label} | {e['block_n'] // (32 * e['warps'])} | {e['registers']} | {e['stack']} | "
+                     + " | ".join(f"{per.get(f'b{b}', float('nan')):.2f}" for b in (2, 3, 4, 5, 6)) + " |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -142,13 +142,27 @@ def _column_scales(qs_ptr, stride_qs, smax_ptr, group, rn, mn):
 
 
 @triton.jit
+def _centred(word, w: tl.constexpr, BITS: tl.constexpr):
+    """Word ``w`` of a tile (uint32) with the top bit of every ``BITS``-bit code in it flipped: a
+    code field then holds ``c ^ z`` (``z = 2^(BITS-1)``), whose ``BITS``-bit two's-complement
+    value is ``c - z`` exactly, so :func:`_code_minus_zero` yields the centred code with a signed
+    field extraction and no subtraction. Code ``i``'s top bit is bit ``i * BITS + BITS - 1`` of
+    the tile's bit string (spec 5.1): in word ``w``, the bits ``k`` with
+    ``32 w + k = BITS - 1 (mod BITS)``. One ``LOP3`` per word, a compile-time constant pattern."""
+    EVERY: tl.constexpr = ((1 << (BITS * (32 // BITS + 1))) - 1) // ((1 << BITS) - 1)  # bits 0, BITS, 2 BITS, ...
+    PATTERN: tl.constexpr = (EVERY << ((BITS - 1 - 32 * w) % BITS)) & 0xFFFFFFFF
+    return word ^ PATTERN
+
+
+@triton.jit
 def _first_words(w_ptrs, stride_qw, mn, BITS: tl.constexpr, ROWS: tl.constexpr):
     """The tile's first q_weight word and the next (the same word when the tile has one) of each
-    column (``w_ptrs``: the tile's first word of each column), as uint32: the words holding code 0."""
-    cur = tl.load(w_ptrs, mask=mn, other=0).to(tl.uint32, bitcast=True)
+    column (``w_ptrs``: the tile's first word of each column), as uint32 and :func:`_centred`:
+    the words holding code 0."""
+    cur = _centred(tl.load(w_ptrs, mask=mn, other=0).to(tl.uint32, bitcast=True), 0, BITS)
     nxt = cur
     if ROWS * BITS // 32 > 1:
-        nxt = tl.load(w_ptrs + stride_qw, mask=mn, other=0).to(tl.uint32, bitcast=True)
+        nxt = _centred(tl.load(w_ptrs + stride_qw, mask=mn, other=0).to(tl.uint32, bitcast=True), 1, BITS)
     return cur, nxt
 
 
@@ -160,18 +174,24 @@ def _next_words(cur, nxt, w_ptrs, stride_qw, mn, j: tl.constexpr, BITS: tl.const
     if (j * BITS) // 32 != ((j - 1) * BITS) // 32:
         cur = nxt
         if (j * BITS) // 32 + 1 < ROWS * BITS // 32:
-            nxt = tl.load(w_ptrs + ((j * BITS) // 32 + 1) * stride_qw, mask=mn, other=0).to(tl.uint32, bitcast=True)
+            W: tl.constexpr = (j * BITS) // 32 + 1
+            nxt = _centred(tl.load(w_ptrs + W * stride_qw, mask=mn, other=0).to(tl.uint32, bitcast=True), W, BITS)
     return cur, nxt
 
 
 @triton.jit
-def _code(cur, nxt, j: tl.constexpr, BITS: tl.constexpr):
-    """Code ``j`` of the tile (spec 5.1), cut from its words with compile-time shifts: it starts
-    ``(j * BITS) % 32`` bits into ``cur`` and straddles into ``nxt`` when that plus ``BITS`` passes 32."""
-    code = cur >> ((j * BITS) % 32)
-    if (j * BITS) % 32 + BITS > 32:
-        code = code | (nxt << (32 - (j * BITS) % 32))
-    return code & ((1 << BITS) - 1)
+def _code_minus_zero(cur, nxt, j: tl.constexpr, BITS: tl.constexpr):
+    """Code ``j`` of the tile minus the zero point, ``c - z`` (int32), cut from its
+    :func:`_centred` words with compile-time shifts (spec 5.1, 6.3): the field starts
+    ``(j * BITS) % 32`` bits into ``cur`` and straddles into ``nxt`` when that plus ``BITS``
+    passes 32; it is moved to the top of the word and shifted back arithmetically (sign
+    extension of ``c ^ z``)."""
+    S: tl.constexpr = (j * BITS) % 32
+    if S + BITS > 32:
+        field = (cur >> S) | (nxt << (32 - S))
+    else:
+        field = cur >> S
+    return (field << (32 - BITS)).to(tl.int32, bitcast=True) >> (32 - BITS)
 
 
 @triton.jit
@@ -184,7 +204,7 @@ def _dequantize_tile(w_ptrs, stride_qw, dest_ptr, out_ptr, stride_out, scale, rn
     for j in tl.static_range(ROWS):
         if j > 0:
             cur, nxt = _next_words(cur, nxt, w_ptrs, stride_qw, mn, j, BITS, ROWS)
-        q = _code(cur, nxt, j, BITS).to(tl.int32) - (1 << (BITS - 1))
+        q = _code_minus_zero(cur, nxt, j, BITS)
         value = (q.to(tl.float32) * scale).to(tl.float16)
         row = tl.load(dest_ptr + j).to(tl.int64)
         tl.store(out_ptr + row * stride_out + rn, value, mask=mn)
@@ -237,55 +257,47 @@ def _tile_product(acc0, acc1, acc2, acc3, w_ptrs, stride_qw, x_ptr, stride_xm, d
     (act-order), or with ``X_PERMUTED`` (x already in stored-row order, ``x_ptr`` at the tile's
     first row) ``x_ptr[j]``.
 
-    A tile lies in one group, so each column has one scale ``s`` and
-    ``sum_j x_j (q_j - z) s = s (sum_j x_j q_j - z sum_j x_j)``: per weight one conversion and one
-    multiply-add of the raw code per row of x; the zero point and the scale are applied once per
-    tile and column. The float16 rounding of each decoded weight (spec 6.3) is skipped: the
-    result differs from the product with decoded weights by rounding of float32 sums only, far
-    inside the matmul bound of spec 8.2.1.
+    A tile lies in one group, so each column has one scale ``s``: per weight, the code minus the
+    zero point ``q_j - z`` as a float32 (exact: an integer below 2^8) and one multiply-add
+    ``x_j (q_j - z)`` per row of x; the scale is applied once per tile and column. The zero
+    point is subtracted before any product, so the error of the sum scales with
+    ``sum_j |x_j| |q_j - z| s``, i.e. with ``sum |x| |B|`` as spec 8.2.1 bounds it (accumulating
+    ``sum x_j q_j - z sum x_j`` instead would cancel terms of size ``z |x_j|`` and lose float32
+    steps of that size: issue 11). ``q_j - z`` comes from a signed field extraction of the
+    :func:`_centred` words, as cheap as the unsigned one: the zero point costs one ``LOP3`` per
+    word, not an instruction per weight. The float16 rounding of each decoded weight (spec 6.3)
+    is skipped: it moves each term by at most 2^-11 of ``|x_j| |B_j|`` (scales are multiples of
+    2^-24, so products in float16's subnormal range are exact), inside the bound.
 
     Every tensor here is 1-D over the program's columns, one accumulator per row of x, and x
     values are scalars: a 2-D ``[M, BLOCK_N]`` accumulator would take a layout other than the
     vectorized q_weight loads', and Triton would convert every decoded row through shared
     memory (seen in the compiled code: two barriers per row)."""
-    ZERO: tl.constexpr = 1 << (BITS - 1)
-    qx0 = tl.zeros_like(acc0)  # sum_j x[m, j] q_j, per row m of x
+    qx0 = tl.zeros_like(acc0)  # sum_j x[m, j] (q_j - z), per row m of x
     qx1 = tl.zeros_like(acc0)
     qx2 = tl.zeros_like(acc0)
     qx3 = tl.zeros_like(acc0)
-    xs0 = 0.0  # sum_j x[m, j]
-    xs1 = 0.0
-    xs2 = 0.0
-    xs3 = 0.0
     cur, nxt = _first_words(w_ptrs, stride_qw, mn, BITS, ROWS)
     for j in tl.static_range(ROWS):
         if j > 0:
             cur, nxt = _next_words(cur, nxt, w_ptrs, stride_qw, mn, j, BITS, ROWS)
-        q = _code(cur, nxt, j, BITS).to(tl.float32)
+        q = _code_minus_zero(cur, nxt, j, BITS).to(tl.float32)  # exact: |q - z| <= 128
         if X_PERMUTED:
             idx = j
         else:
             idx = tl.load(dest_ptr + j)
-        x0 = _x_row(x_ptr, stride_xm, idx, M, 0)
-        qx0 += x0 * q
-        xs0 += x0
+        qx0 += _x_row(x_ptr, stride_xm, idx, M, 0) * q
         if M_MAX > 1:
-            x1 = _x_row(x_ptr, stride_xm, idx, M, 1)
-            qx1 += x1 * q
-            xs1 += x1
+            qx1 += _x_row(x_ptr, stride_xm, idx, M, 1) * q
         if M_MAX > 2:
-            x2 = _x_row(x_ptr, stride_xm, idx, M, 2)
-            qx2 += x2 * q
-            xs2 += x2
-            x3 = _x_row(x_ptr, stride_xm, idx, M, 3)
-            qx3 += x3 * q
-            xs3 += x3
-    acc0 += (qx0 - xs0 * ZERO) * scale
+            qx2 += _x_row(x_ptr, stride_xm, idx, M, 2) * q
+            qx3 += _x_row(x_ptr, stride_xm, idx, M, 3) * q
+    acc0 += qx0 * scale
     if M_MAX > 1:
-        acc1 += (qx1 - xs1 * ZERO) * scale
+        acc1 += qx1 * scale
     if M_MAX > 2:
-        acc2 += (qx2 - xs2 * ZERO) * scale
-        acc3 += (qx3 - xs3 * ZERO) * scale
+        acc2 += qx2 * scale
+        acc3 += qx3 * scale
     return acc0, acc1, acc2, acc3
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 import triton
 
-from ..errors import FormatError
 from ..format import BLOCKS
-from ..qmatrix import QMatrix
+from ..layer_rules import layer_rules, run
+from ..qmatrix import QMatrix, refuse
 from . import kernels
 from .plan import cached, permutation, tile_table, word_table
 from .tuning import (DEQUANT_BLOCK_N, DEQUANT_WARPS, ENCODE_BLOCK_N, FUSED_BLOCK_K, FUSED_BLOCK_M, FUSED_BLOCK_N,
@@ -16,35 +16,37 @@ from .tuning import (DEQUANT_BLOCK_N, DEQUANT_WARPS, ENCODE_BLOCK_N, FUSED_BLOCK
 
 def interpreted() -> bool:
     """Whether the kernels run under Triton's interpreter (decided when triton decorated them,
-    from ``TRITON_INTERPRET`` at that time)."""
+    from ``TRITON_INTERPRET`` at that time: :func:`exl2.fast.use_interpreter`)."""
     return not isinstance(kernels.dequantize_kernel, triton.runtime.JITFunction)
 
 
+#: How to run without a GPU, for error messages.
+HOW_TO_INTERPRET = ("without a GPU, opt in to Triton's interpreter (slow) before anything imports triton: "
+                    "call exl2.fast.use_interpreter(), or set TRITON_INTERPRET=1")
+
+
 def check_device(t: torch.Tensor, what: str = "the QMatrix") -> None:
-    """Compiled kernels need GPU tensors; Triton's interpreter (``TRITON_INTERPRET=1``, set before
-    triton is imported) needs CPU tensors. Anything else is refused before a launch."""
+    """Compiled kernels need GPU tensors; Triton's interpreter (opted into before triton was
+    imported) needs CPU tensors. Anything else is refused before a launch, saying what to do."""
     if interpreted() and t.device.type != "cpu":
-        raise RuntimeError(f"exl2.fast runs under Triton's interpreter here (TRITON_INTERPRET=1) and needs CPU "
-                           f"tensors; {what} is on {t.device}")
+        raise RuntimeError(f"exl2.fast runs under Triton's interpreter in this process (TRITON_INTERPRET=1) and "
+                           f"needs CPU tensors; {what} is on {t.device}")
     if not interpreted() and not t.is_cuda:
-        raise RuntimeError(f"exl2.fast needs GPU tensors ({what} is on {t.device}); move it with .to('cuda'), or "
-                           f"set TRITON_INTERPRET=1 before importing triton to run the kernels slowly on the CPU")
+        gpu = torch.cuda.is_available()
+        raise RuntimeError(f"exl2.fast needs GPU tensors ({what} is on {t.device}); "
+                           + ("move it with .to('cuda')" if gpu else f"no GPU is visible: {HOW_TO_INTERPRET}"))
 
 
 def check(qm: QMatrix) -> None:
-    """Refuse a malformed QMatrix before any launch, with the validator's first error finding
-    (the structural rules were checked when the QMatrix was built; this adds the value rules of
-    spec/findings.md, e.g. padded columns that do not decode to 0). Also the device and layout.
-    Done once per contents of the QMatrix."""
+    """Refuse a malformed QMatrix before any launch: the first error of the format's rule table
+    (:mod:`exl2.layer_rules`, e.g. padded columns that do not decode to 0) as a FormatError with
+    its code, then the device and the layout. The QMatrix ran the same table when it was built;
+    running it again per contents catches tensors edited in place since. Done once per contents."""
     cached(qm, "_fast_checked", _check)
 
 
 def _check(qm: QMatrix) -> bool:
-    from ..conformance.rules import check_qmatrix
-
-    errors = [f for f in check_qmatrix(qm) if f.severity == "error"]
-    if errors:
-        raise FormatError(f"{errors[0].code}: {errors[0].message}", tensor=errors[0].tensor)
+    run(layer_rules(qm.to_tensors(), qm.out_features), refuse)
     check_device(qm.q_weight)
     if not all(t.is_contiguous() for t in (qm.q_weight, qm.q_scale, qm.q_scale_max, qm.q_invperm)):
         raise ValueError("exl2.fast needs contiguous QMatrix tensors (as read from a file); use .contiguous()")

@@ -44,7 +44,7 @@ class GemvConfig:
 #: The GEMV's configuration by ``M_MAX`` (the next power of two >= M). Chosen from the compiled
 #: sm_90 code (``python exl2/fast/aot_check.py --sass``, table in docs/performance.md): the
 #: fewest instructions per weight without spilling registers. Sixteen columns per thread at
-#: M = 1 and 2 (128 and 168 registers), eight at M = 4 (168). A GPU run of
+#: M = 1 and 2, eight at M = 4 (registers in docs/results/compiled.json). A GPU run of
 #: ``benchmarks/gpu_bench.py --sweep`` times these against the alternatives.
 GEMV_CONFIGS: dict[int, GemvConfig] = {
     1: GemvConfig(block_n=1024, warps=2),
@@ -78,6 +78,6 @@ GEMV_INSTRUCTIONS_PER_WEIGHT_BUDGET = 5.0
 
 #: The same for dequantize at 4 bits: it moves ~2.5 bytes per weight (2 written, ~0.5 read), so
 #: 4.8 TB/s is ~1.9e12 weights/s and full issue allows ~17 instructions per weight; 12 keeps it
-#: memory bound at 70 % of full issue. The tile-table design spends ~6 (the per-element decode it
-#: replaced spent ~26).
+#: memory bound at 70 % of full issue. The tile-table design spends about 5.4
+#: (docs/results/compiled.json; the per-element decode it replaced spent ~26).
 DEQUANT_INSTRUCTIONS_PER_WEIGHT_BUDGET = 12.0
