@@ -30,6 +30,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "docs" / "results"
 
@@ -142,20 +144,52 @@ def convert(src: Path, out: Path, rows: int, length: int, measure: bool, work: P
     if code != 0:
         raise RuntimeError(f"exl2 quantize failed ({code}): {log.read_text()[-2000:]}")
     per_block = block_seconds(log)
-    return {"peak_rss_bytes": peak, "seconds": round(seconds, 1),
+    from exl2.model.pipeline import memory_estimate
+    from exl2.model.source import open_source
+
+    with open_source(str(src)) as source:
+        estimate = memory_estimate(source, rows * length, "cpu").cpu
+        block_weights = sum(m.weight.numel() for m in source.blocks[0][1].modules() if isinstance(m, torch.nn.Linear))
+    return {"peak_rss_bytes": peak, "estimate_bytes": estimate, "seconds": round(seconds, 1),
             "seconds_per_block": round(sum(per_block) / len(per_block), 1) if per_block else None,
-            "output_bytes": sum(f.stat().st_size for f in out.glob("*.safetensors")),
-            "estimate_line": next((ln[6:] for ln in log.read_text().splitlines() if ln.startswith("exl2: memory:")), None)}
+            "block_weights": block_weights,
+            "seconds_per_weight": sum(per_block) / len(per_block) / block_weights if per_block else None,
+            "output_bytes": sum(f.stat().st_size for f in out.glob("*.safetensors"))}
+
+
+#: Shapes of the models the docs extrapolate to: hidden, intermediate, blocks, heads, kv heads, vocab.
+MODELS = {"llama-2-7b": (4096, 11008, 32, 32, 32, 32000), "llama-2-70b": (8192, 28672, 80, 64, 8, 32000)}
+
+
+def extrapolate(seconds_per_weight: float, options: int, rows: int = 16, length: int = 128) -> dict:
+    """Time and memory of converting real shapes on this machine, from the measured seconds per
+    weight of one GPTQ pass: the measurement pass runs ``options`` GPTQs per weight, the
+    quantization pass one. Memory from :func:`exl2.model.memory.estimate` (default calibration)."""
+    from exl2.model.memory import estimate
+
+    out = {}
+    for name, (hidden, inter, blocks, heads, kv, vocab) in MODELS.items():
+        head_dim = hidden // heads
+        shapes = [(hidden, heads * head_dim), (hidden, kv * head_dim), (hidden, kv * head_dim),
+                  (heads * head_dim, hidden), (hidden, inter), (hidden, inter), (inter, hidden)]
+        weights = sum(k * n for k, n in shapes)
+        per_block = seconds_per_weight * weights * (options + 1)
+        e = estimate(weights + 2 * hidden, shapes, hidden, rows * length, vocab * hidden + hidden, (hidden, vocab))
+        out[name] = {"blocks": blocks, "weights_per_block": weights,
+                     "hours_per_block": per_block / 3600, "hours": blocks * per_block / 3600,
+                     "quantize_pass_hours": blocks * seconds_per_weight * weights / 3600,
+                     "peak_gb": e.cpu / 1e9, "block_gb": e.block / 1e9, "head_gb": e.head / 1e9}
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--hidden", type=int, default=4096)
+    ap.add_argument("--hidden", type=int, default=2048)
     ap.add_argument("--intermediate", type=int, default=4096)
-    ap.add_argument("--heads", type=int, default=32)
-    ap.add_argument("--kv-heads", type=int, default=8)
-    ap.add_argument("--vocab", type=int, default=8192)
-    ap.add_argument("--blocks", default="4,16,34", help="block counts, comma-separated (the largest is the big model)")
+    ap.add_argument("--heads", type=int, default=16)
+    ap.add_argument("--kv-heads", type=int, default=4)
+    ap.add_argument("--vocab", type=int, default=4096)
+    ap.add_argument("--blocks", default="4,16", help="block counts, comma-separated")
     ap.add_argument("--rows", type=int, default=2)
     ap.add_argument("--length", type=int, default=128)
     ap.add_argument("--measure", action="store_true", help="run the measurement pass too")
@@ -179,9 +213,14 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(r), flush=True)
         finally:
             shutil.rmtree(work, ignore_errors=True)
+    from exl2.model.options import OPTIONS
+
     first, last = runs[0], runs[-1]
+    rate = last["seconds_per_weight"]
     result = {"machine": _machine(), "shapes": shapes, "runs": runs,
-              "peak_ratio_largest_to_smallest": round(last["peak_rss_bytes"] / first["peak_rss_bytes"], 4)}
+              "peak_ratio_largest_to_smallest": round(last["peak_rss_bytes"] / first["peak_rss_bytes"], 4),
+              "microseconds_per_weight": rate * 1e6, "options": len(OPTIONS),
+              "extrapolated": extrapolate(rate, len(OPTIONS))}
     print(json.dumps({k: v for k, v in result.items() if k != "runs"}))
     if not a.no_record:
         RESULTS.mkdir(parents=True, exist_ok=True)
@@ -200,12 +239,12 @@ def _machine() -> dict:
 
 
 def _table(runs: list[dict]) -> str:
-    lines = ["| blocks | source (GB) | peak RSS (GB) | peak / source | output (GB) | s per block | total (min) |",
-             "|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| blocks | source (GB) | peak RSS (GB) | estimate (GB) | peak / source | output (GB) | s per block | total (min) |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in runs:
         lines.append(f"| {r['blocks']} | {r['source_bytes'] / 1e9:.2f} | {r['peak_rss_bytes'] / 1e9:.2f} | "
-                     f"{100 * r['peak_over_source']:.1f} % | {r['output_bytes'] / 1e9:.2f} | {r['seconds_per_block']} | "
-                     f"{r['seconds'] / 60:.1f} |")
+                     f"{r['estimate_bytes'] / 1e9:.2f} | {100 * r['peak_over_source']:.1f} % | "
+                     f"{r['output_bytes'] / 1e9:.2f} | {r['seconds_per_block']} | {r['seconds'] / 60:.1f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -14,7 +14,6 @@ from exl2.io import open_model
 from exl2.model.arch import exllamav2_config
 from exl2.model.options import HEAD_OPTIONS, OPTIONS
 from exl2.model.pipeline import Settings, fits, quantize_model
-from exl2.qparams import QParams
 from exl2.reference import quantize
 
 from . import exllamav2_emulation as ex
@@ -94,25 +93,24 @@ def test_transformers_5_rope_parameters_become_the_keys_exllamav2_reads(tmp_path
     assert cfg["rope_parameters"] == written["rope_parameters"]
 
 
-@pytest.mark.parametrize("params, theta, scaling", [
-    ({"rope_type": "default", "rope_theta": 1e6}, 1e6, None),
-    ({"rope_type": "linear", "rope_theta": 1e4, "factor": 2.0}, 1e4, {"type": "linear", "factor": 2.0}),
+@pytest.mark.parametrize("params, theta, scaling, noted", [
+    ({"rope_type": "default", "rope_theta": 1e6}, 1e6, None, False),
+    ({"rope_type": "linear", "rope_theta": 1e4, "factor": 2.0}, 1e4, {"type": "linear", "factor": 2.0}, False),
     ({"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0, "original_max_position_embeddings": 4096},
-     1e4, {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 4096}),
-    ({"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}, 1e4, None),  # exllamav2 needs the original length
-    ({"rope_type": "dynamic", "rope_theta": 1e4, "factor": 2.0}, 1e4, None),  # no exllamav2 equivalent
-    ({"rope_theta": "1e6"}, None, None),  # a string is not a theta
-    ({"rope_theta": True}, None, None),
-    ([1, 2], None, None),
-    ("rope", None, None),
+     1e4, {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 4096}, False),
+    ({"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}, 1e4, None, True),  # exllamav2 needs the original length
+    ({"rope_type": "dynamic", "rope_theta": 1e4, "factor": 2.0}, 1e4, None, True),  # no exllamav2 equivalent
+    ({"rope_theta": "1e6"}, None, None, False),  # a string is not a theta
+    ({"rope_theta": True}, None, None, False),
+    ({"rope_theta": float("inf")}, None, None, False),
+    ([1, 2], None, None, False),
+    ("rope", None, None, False),
 ])
-def test_exllamav2_config(params, theta, scaling):
+def test_exllamav2_config(params, theta, scaling, noted):
     cfg, notes = exllamav2_config({"model_type": "llama", "rope_parameters": params})
     assert cfg.get("rope_theta") == theta
     assert cfg.get("rope_scaling") == scaling
-    if isinstance(params, dict) and params.get("rope_type") in ("dynamic",) or params == {
-            "rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}:
-        assert notes  # said, not silently dropped
+    assert bool(notes) == noted  # what cannot be expressed is said, not dropped silently
 
 
 def test_exllamav2_config_keeps_what_is_there_and_does_not_touch_its_input():
@@ -136,4 +134,3 @@ def test_longrope_writes_the_original_length_at_the_top_level():
 def test_default_options_fit_every_multiple_of_32():
     for rows in range(32, 8193, 32):
         assert any(fits(o, rows) for o in OPTIONS), rows
-    assert QParams(32, [4], [1.0]) in OPTIONS or True

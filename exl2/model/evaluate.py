@@ -35,7 +35,7 @@ def load_quantized(model: torch.nn.Module, exl2_dir: str | Path) -> dict[str, fl
             errors[key] = float((w_hat - module.weight).norm() / module.weight.norm())
             module.weight.copy_(w_hat)
             if module.bias is not None and qm.bias is not None:
-                module.bias.copy_(qm.bias.to(torch.float32))
+                module.bias.copy_(qm.bias[: module.out_features].to(torch.float32))
     return errors
 
 

@@ -39,6 +39,8 @@ class Estimate:
     outside: int
     head: int
     device: str
+    #: Held for the whole run: the model in float32 when it is loaded whole (not streaming).
+    resident: int = 0
 
     @property
     def peak(self) -> int:
@@ -46,20 +48,26 @@ class Estimate:
 
     @property
     def cpu(self) -> int:
-        return BASE_BYTES + (self.peak if self.device == "cpu" else 0)
+        return BASE_BYTES + (self.resident + self.peak if self.device == "cpu" else 0)
+
+    @property
+    def gpu(self) -> int:
+        return 0 if self.device == "cpu" else self.resident + self.peak
 
     def line(self) -> str:
         gb = 1e9
         where = "RAM" if self.device == "cpu" else f"{self.device} memory (RAM: about {BASE_BYTES / gb:.1f} GB)"
         phase = max(("a block", self.block), ("outside the blocks", self.outside), ("the head", self.head),
                     key=lambda x: x[1])[0]
-        return (f"memory: about {(self.cpu if self.device == 'cpu' else self.peak) / gb:.1f} GB of {where} at the "
-                f"peak ({phase}); per block {self.block / gb:.2f} GB, outside the blocks {self.outside / gb:.2f} GB, "
+        whole = f", the whole model {self.resident / gb:.2f} GB" if self.resident else ""
+        return (f"memory: about {(self.cpu if self.device == 'cpu' else self.gpu) / gb:.1f} GB of {where} at the "
+                f"peak ({phase}{whole}); per block {self.block / gb:.2f} GB, outside the blocks {self.outside / gb:.2f} GB, "
                 f"head {self.head / gb:.2f} GB")
 
 
 def estimate(block_params: int, layer_shapes: list[tuple[int, int]], hidden: int, tokens: int,
-             outside_params: int, head_shape: tuple[int, int] | None, device: str = "cpu") -> Estimate:
+             outside_params: int, head_shape: tuple[int, int] | None, device: str = "cpu",
+             resident: int = 0) -> Estimate:
     """The phases' bytes for a model whose largest block has ``block_params`` parameters and
     linears ``layer_shapes`` (``(in_features, out_features)``), ``tokens`` = rows x length."""
     activations = 3 * tokens * hidden * 4
@@ -67,4 +75,4 @@ def estimate(block_params: int, layer_shapes: list[tuple[int, int]], hidden: int
     block = 4 * block_params + activations + 4 * widest * widest + max(encode_bytes(k, n) for k, n in layer_shapes)
     outside = 4 * outside_params + 2 * tokens * hidden * 4
     head = 0 if head_shape is None else 4 * head_shape[0] * head_shape[1] + encode_bytes(*head_shape) + activations
-    return Estimate(block, outside, head, "cpu" if device == "cpu" else device)
+    return Estimate(block, outside, head, "cpu" if device == "cpu" else device, resident)

@@ -35,7 +35,6 @@ import hashlib
 import json
 import math
 import shutil
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -217,19 +216,20 @@ def _plan(s: Settings, src: Source, text: str, log: Callable[[str], None]) -> Pl
     if free < 2 * estimate:
         raise ContainerError(f"not enough disk: about {2 * estimate / 1e9:.1f} GB needed, {free / 1e9:.1f} GB free",
                              file=str(s.out))
-    log(_memory(s, src, layers).line())
+    log(memory_estimate(src, s.rows * s.length, s.device).line())
     return Plan(layers, costs, numel, text)
 
 
-def _memory(s: Settings, src: Source, layers: list[Layer]) -> memory.Estimate:
-    block_params = max(sum(p.numel() for p in b.parameters()) for _, b in src.blocks)
-    in_blocks = sum(sum(p.numel() for p in b.parameters()) for _, b in src.blocks)
+def memory_estimate(src: Source, tokens: int, device: str) -> memory.Estimate:
+    """The memory :mod:`exl2.model.memory` expects for converting ``src`` with ``tokens``
+    calibration tokens (rows x length)."""
+    sizes = [sum(p.numel() for p in b.parameters()) for _, b in src.blocks]
+    shapes = [(m.in_features, m.out_features) for p, b in src.blocks for m in arch.linears(b, p).values()]
     head = src.head[1] if src.head is not None else None
-    head_params = head.weight.numel() if head is not None else 0
-    first = [layer.shape for layer in layers if layer.block == 0]
-    return memory.estimate(block_params, first, layers[0].shape[0], s.rows * s.length,
-                           max(0, src.numel() - in_blocks - head_params),
-                           None if head is None else (head.in_features, head.out_features), s.device)
+    outside = src.numel() - sum(sizes) - (head.weight.numel() if head is not None else 0)
+    return memory.estimate(max(sizes), shapes, shapes[0][0], tokens, max(0, outside),
+                           None if head is None else (head.in_features, head.out_features), device,
+                           resident=0 if src.streaming else 4 * src.numel())
 
 
 def _job(out: Path, params: dict) -> Job:

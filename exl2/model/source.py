@@ -47,6 +47,8 @@ class Source:
     blocks: list[tuple[str, nn.Module]]
     head: tuple[str, nn.Linear] | None
     device: str
+    #: Whether weights are read one block at a time (False: the whole model is in memory).
+    streaming: bool = True
 
     @property
     def causal(self) -> bool:
@@ -95,6 +97,8 @@ def _output(t: torch.Tensor) -> torch.Tensor:
 
 class EagerSource(Source):
     """The whole model in float32 on the device, loaded by transformers."""
+
+    streaming = False
 
     def __init__(self, path: Path, config: dict, device: str) -> None:
         self.path, self.config, self.device = path, config, device
