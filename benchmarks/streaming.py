@@ -195,7 +195,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--measure", action="store_true", help="run the measurement pass too")
     ap.add_argument("--work", type=Path, default=Path("/tmp/stream-bench"))
     ap.add_argument("--no-record", action="store_true", help="do not write docs/results/streaming.*")
+    ap.add_argument("--summarize", action="store_true",
+                    help="only recompute the derived figures of docs/results/streaming.json from its runs")
     a = ap.parse_args(argv)
+    if a.summarize:
+        record(summarize(json.loads((RESULTS / "streaming.json").read_text())))
+        return 0
     shapes = {"hidden": a.hidden, "intermediate": a.intermediate, "heads": a.heads, "kv_heads": a.kv_heads,
               "vocab": a.vocab, "rows": a.rows, "length": a.length, "measured": a.measure}
     runs = []
@@ -213,20 +218,36 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(r), flush=True)
         finally:
             shutil.rmtree(work, ignore_errors=True)
-    from exl2.model.options import OPTIONS
-
-    first, last = runs[0], runs[-1]
-    rate = last["seconds_per_weight"]
-    result = {"machine": _machine(), "shapes": shapes, "runs": runs,
-              "peak_ratio_largest_to_smallest": round(last["peak_rss_bytes"] / first["peak_rss_bytes"], 4),
-              "microseconds_per_weight": rate * 1e6, "options": len(OPTIONS),
-              "extrapolated": extrapolate(rate, len(OPTIONS))}
+    result = summarize({"machine": _machine(), "shapes": shapes, "runs": runs})
     print(json.dumps({k: v for k, v in result.items() if k != "runs"}))
     if not a.no_record:
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        (RESULTS / "streaming.json").write_text(json.dumps(result, indent=1) + "\n")
-        (RESULTS / "streaming.md").write_text(_table(runs))
+        record(result)
     return 0
+
+
+def summarize(result: dict) -> dict:
+    """The figures the docs quote, derived from the runs: sizes in GB, the peak against the
+    source, the flatness ratio, the rate of one GPTQ pass and the extrapolation to real models."""
+    from exl2.model.options import OPTIONS
+
+    runs = result["runs"]
+    for r in runs:
+        r.update(source_gb=r["source_bytes"] / 1e9, peak_rss_gb=r["peak_rss_bytes"] / 1e9,
+                 estimate_gb=r["estimate_bytes"] / 1e9, peak_over_source_pct=100 * r["peak_rss_bytes"] / r["source_bytes"],
+                 minutes=r["seconds"] / 60)
+    first, last = runs[0], runs[-1]
+    rate = last["seconds_per_weight"]
+    result.update(peak_ratio_largest_to_smallest=last["peak_rss_bytes"] / first["peak_rss_bytes"],
+                  peak_change_pct=100 * (last["peak_rss_bytes"] / first["peak_rss_bytes"] - 1),
+                  microseconds_per_weight=rate * 1e6, options=len(OPTIONS),
+                  extrapolated=extrapolate(rate, len(OPTIONS)))
+    return result
+
+
+def record(result: dict) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "streaming.json").write_text(json.dumps(result, indent=1) + "\n")
+    (RESULTS / "streaming.md").write_text(_table(result["runs"]))
 
 
 def _machine() -> dict:

@@ -34,6 +34,19 @@ def _bar(items: Iterable[T], total: int, phase: str) -> Iterator[T]:
             bar.advance(task)
 
 
+def _map_large_allocations() -> None:
+    """Have glibc serve every allocation of 1 MB or more with its own mapping, returned to the
+    system when freed. Otherwise it raises that threshold to the largest block freed so far and
+    serves later tensors from its heap, which fragments as blocks come and go: the process then
+    grows a little with every block instead of staying at one block's size."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):  # not glibc: its allocator decides
+        pass
+
+
 def _note(message: str) -> None:
     print(f"exl2: {message}", file=sys.stderr, flush=True)
 
@@ -77,6 +90,7 @@ def quantize_cmd(
                         length=length, measurement=measurement, device=device, overwrite=overwrite,
                         streaming=loader == "stream")
     progress = _bar if sys.stderr.isatty() else log_lines(_note)
+    _map_large_allocations()
     try:
         summary = quantize_model(settings, progress=progress, log=_note)
     except (UsageError, ContainerError) as e:

@@ -100,8 +100,9 @@ def fits(option: QParams, rows: int) -> bool:
     """Whether every group ``option`` cuts from ``rows`` input rows has a multiple of 32 rows (16
     for 2-bit), as spec 4.4 requires of every group, the last included: exllamav2's kernels step
     32 rows at a time. A layer of 344 rows ends in a group of 24 under any option; one of 80 rows
-    fits only options whose last group is a 16-row 2-bit one. exllamav2's converter writes such
-    groups anyway (``AdaptiveGPTQ.pack`` rounds their qrows up); here they are not offered."""
+    fits only options whose last group is a 16-row 2-bit one. exllamav2's ``AdaptiveGPTQ.pack``
+    only asserts that each group packs into whole qrows, which a 24-row 4-bit group does; here
+    such options are not offered."""
     return all(n % row_granule(b) == 0 for b, _, n in option.plan(rows).groups)
 
 

@@ -12,7 +12,8 @@ head, and three ways in:
 
 :class:`StreamingSource` builds the model's skeleton with its parameters on the meta device
 (buffers such as rotary frequencies are computed for real, as transformers computes them) and
-reads each weight from the checkpoint's safetensors files (:class:`exl2.io.Model`, lazily) only
+reads each weight from the checkpoint's safetensors files (indexed by :class:`exl2.io.Model`,
+read with plain file reads) only
 when asked, in its dtype on disk, upcast to float32 one tensor at a time, released when the
 ``with`` ends. :class:`EagerSource` loads the whole model with transformers, as ``exl2 quantize``
 did before streaming; both give the same values, so the same output bytes (tested).
@@ -28,7 +29,7 @@ import torch
 from torch import nn
 
 from ..errors import ContainerError
-from ..io import open_model
+from ..io import DTYPES, open_model, read_header
 from . import arch
 
 #: A weight as the model expects it: float32 (the math of calibration and GPTQ is float32).
@@ -144,6 +145,7 @@ class StreamingSource(Source):
             self.tokenizer = arch.tokenizer(path)
         self.model.eval()
         self.checkpoint = open_model(path)
+        self._headers: dict[Path, tuple[dict, int]] = {}
         self.block_list, self.blocks = arch.find_blocks(self.model, config, str(path))
         self.head = arch.head(self.model, config)
         self._slots = {n: _slot(self.model, n) for n, _ in self.model.named_parameters(remove_duplicate=False)}
@@ -192,7 +194,30 @@ class StreamingSource(Source):
             module._buffers[attr] = value.to(self.device)
 
     def _read(self, name: str) -> torch.Tensor:
-        return self.checkpoint[name]
+        """A checkpoint tensor, read with plain file reads: a memory map would keep every page read
+        resident in this process (its RSS) for as long as the file stays mapped."""
+        info = self.checkpoint.tensors[name]
+        if info.dtype not in DTYPES:
+            raise ContainerError(f"has dtype {info.dtype[:20]}, which this reader does not know", file=str(info.file),
+                                 tensor=name)
+        if info.file not in self._headers:
+            self._headers[info.file] = read_header(info.file)
+        header, start = self._headers[info.file]
+        dtype = DTYPES[info.dtype]
+        numel = torch.Size(info.shape).numel()
+        nbytes = numel * torch.empty((), dtype=dtype).element_size()
+        offsets = header[name].get("data_offsets") if isinstance(header[name], dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
+                and 0 <= offsets[0] and offsets[1] - offsets[0] == nbytes
+                and start + offsets[1] <= info.file.stat().st_size):
+            raise ContainerError(f"has data_offsets {str(offsets)[:40]} that do not hold {info.dtype} "
+                                 f"{list(info.shape)}", file=str(info.file), tensor=name)
+        t = torch.empty(numel, dtype=dtype)
+        with open(info.file, "rb") as f:
+            f.seek(start + offsets[0])
+            if nbytes and f.readinto(t.view(torch.uint8).numpy()) != nbytes:
+                raise ContainerError("is cut short", file=str(info.file), tensor=name)
+        return t.reshape(info.shape)
 
     # -- materializing ---------------------------------------------------------------------
 
@@ -216,6 +241,7 @@ class StreamingSource(Source):
             yield
         finally:
             self._release(names)
+            _return_free_memory()
 
     @contextlib.contextmanager
     def block(self, i: int) -> Iterator[nn.Module]:
@@ -241,9 +267,19 @@ class StreamingSource(Source):
         return sum(torch.Size(self.checkpoint.tensors[n].shape).numel() for n in set(self._names.values()))
 
     def close(self) -> None:
-        close = getattr(self.checkpoint, "close", None)
-        if close is not None:
-            close()
+        self._headers.clear()
+
+
+def _return_free_memory() -> None:
+    """Hand memory freed by the last block back to the system (glibc keeps freed blocks of a few
+    MB in its heap, where the next block's slightly different allocations may not fit, so the
+    process would grow block by block)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def _slot(model: nn.Module, name: str, kind: str = "_parameters") -> tuple[nn.Module, str]:
