@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from exl2.conformance import validate_path
 from exl2.io import open_model
@@ -16,27 +15,16 @@ from exl2.model import pipeline
 from exl2.model.pipeline import Settings, quantize_model
 from exl2.qparams import QParams
 
+from .tiny_models import small_options, write_model
+
 LLAMA_NAMES = {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
                "mlp.up_proj", "mlp.down_proj"}
-#: A small option set keeps the tests fast; the default set is exercised by the MiniLM test.
-OPTS = (QParams(32, [3, 2], [0.25, 0.75]), QParams(32, [4], [1.0]), QParams(32, [6], [1.0]), QParams(32, [8], [1.0]))
+OPTS = small_options()
 
 
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory) -> Path:
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    d = tmp_path_factory.mktemp("llama") / "src"
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=256, max_position_embeddings=256, tie_word_embeddings=False)
-    LlamaForCausalLM(cfg).save_pretrained(d, safe_serialization=True)
-    vocab = {chr(i + 32): i for i in range(95)} | {"<unk>": 95}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>").save_pretrained(d)
-    return d
+    return write_model(tmp_path_factory.mktemp("llama") / "src")
 
 
 def run(src, out, bpw, **kw):

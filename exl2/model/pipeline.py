@@ -1,28 +1,39 @@
 """``exl2 quantize``: a Hugging Face checkpoint to an EXL2 model at a target bitrate.
 
-1. **Checks before any long work**: the source loads, the architecture has blocks of linears, the
-   target is within what the options can reach, the disk has room, OUT does not exist.
-2. **Measurement** (skipped with ``--measurement``): block by block, the Hessian of every linear
-   from the calibration data, then every option of :data:`options.OPTIONS` quantized with GPTQ
-   and put in place alone; its error is the relative squared error of the *block's* outputs on
-   the calibration inputs (as exllamav2 measures at module level, so that errors of different
-   layers are in the same units), and its cost the exact stored bits (``QParams.total_bits``).
-3. **Allocation**: :func:`allocate.allocate` within ``numel × bpw`` bits (numel: the quantized
-   weights of the blocks; the head is quantized at ``--head-bits`` outside the budget, as
-   exllamav2 does).
-4. **Quantization**: block by block again, each block's Hessians computed from the outputs of the
-   already-quantized blocks before it, GPTQ with the chosen option, the block's weights replaced
-   by their decoded values before its outputs feed the next block.
-5. **Output**, atomically: ``config.json`` with ``quantization_config``, the weights in
-   ``output.safetensors`` (or ``output-0000N-of-0000M.safetensors`` shards), other files copied.
+The stages, each a function below, read the model through a :class:`~exl2.model.source.Source`
+that gives one block's weights at a time (streamed from the safetensors files; or the whole model
+loaded at once with ``Settings(streaming=False)``, which gives the same bytes):
+
+1. **Checks before any long work** (:func:`_plan`): the settings, the source loads, the
+   architecture has blocks of linears, every layer fits at least one option, the target is within
+   what the options can reach, the disk has room, OUT does not exist. The memory estimate is
+   printed (:mod:`exl2.model.memory`).
+2. **Measurement** (:func:`measure`, skipped with ``--measurement``): block by block, the Hessian
+   of every group of linears reading the same input, then every option of ``Settings.options``
+   that fits the layer quantized with GPTQ and put in place alone; its error is the relative
+   squared error of the *block's* outputs on the calibration inputs (as exllamav2 measures at
+   module level, so that errors of different layers are in the same units), and its cost the
+   exact stored bits (``QParams.total_bits``).
+3. **Allocation** (:func:`allocate_bits`): :func:`allocate.allocate` within ``numel × bpw`` bits
+   (numel: the quantized weights of the blocks; the head is quantized at ``--head-bits`` outside
+   the budget, as exllamav2 does).
+4. **Quantization** (:func:`quantize_pass`): block by block again, each block's Hessians computed
+   from the outputs of the already-quantized blocks before it, GPTQ with the chosen option, the
+   block's weights replaced by their decoded values before its outputs feed the next block; then
+   the head, from the last block's outputs.
+5. **Output** (:func:`write_output`), atomically and tensor by tensor: ``config.json`` with
+   ``quantization_config``, the weights in ``output.safetensors`` (or
+   ``output-0000N-of-0000M.safetensors`` shards), other files copied.
 
 Interrupted runs resume from ``OUT.partial`` (:mod:`exl2.model.job`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import math
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,14 +42,16 @@ from pathlib import Path
 import torch
 
 from .. import __version__
-from ..errors import ContainerError, Exl2Error
-from ..io import atomic_path, save_tensors
+from ..errors import ContainerError, Exl2Error, FormatError, UsageError
+from ..format import padded_columns, row_granule
+from ..io import atomic_path, open_model
 from ..qmatrix import QMatrix
 from ..qparams import QParams
-from . import arch, calibration
+from . import arch, calibration, memory, output
 from .allocate import allocate
 from .job import Job
 from .options import HEAD_OPTIONS, OPTIONS, head_option
+from .source import Source, open_source
 
 SHARD_BYTES = 8 << 30  # exllamav2's default shard size (8192 MB)
 SKIP_COPY = (".safetensors", ".bin", ".pt", ".pth", ".index.json")
@@ -58,6 +71,8 @@ class Settings:
     shard_bytes: int = SHARD_BYTES
     overwrite: bool = False
     options: tuple[QParams, ...] = field(default=OPTIONS)
+    #: Read one block at a time from the checkpoint (False: load the whole model with transformers).
+    streaming: bool = True
 
 
 @dataclass
@@ -65,6 +80,8 @@ class Layer:
     key: str
     module: torch.nn.Linear
     block: int
+    #: Indices into ``Settings.options`` of the options whose groups this layer's rows can hold.
+    fits: list[int] = field(default_factory=list)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -73,6 +90,39 @@ class Layer:
     @property
     def bias(self) -> bool:
         return self.module.bias is not None
+
+
+def fits(option: QParams, rows: int) -> bool:
+    """Whether every group ``option`` cuts from ``rows`` input rows has a multiple of 32 rows (16
+    for 2-bit), as spec 4.4 requires of every group, the last included: exllamav2's kernels step
+    32 rows at a time. A layer of 344 rows ends in a group of 24 under any option; one of 80 rows
+    fits only options whose last group is a 16-row 2-bit one. exllamav2's ``AdaptiveGPTQ.pack``
+    only asserts that each group packs into whole qrows, which a 24-row 4-bit group does; here
+    such options are not offered."""
+    return all(n % row_granule(b) == 0 for b, _, n in option.plan(rows).groups)
+
+
+def cost(option: QParams, layer: Layer) -> int:
+    """Stored bits of ``layer`` with ``option``, as written (a bias padded like q_weight, spec 3.3)."""
+    k, n = layer.shape
+    return option.total_bits(k, n, layer.bias) + (16 * (padded_columns(n) - n) if layer.bias else 0)
+
+
+def check_device(device: str) -> str:
+    """``cpu``, ``cuda`` or ``cuda:N`` that exists here."""
+    try:
+        d = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise UsageError(f"--device {device!r} is not a device (cpu, cuda or cuda:N)") from None
+    if d.type == "cpu":
+        return "cpu"
+    if d.type != "cuda":
+        raise UsageError(f"--device {device!r}: only cpu and cuda are supported")
+    if not torch.cuda.is_available():
+        raise UsageError(f"--device {device!r}: no CUDA device is available to torch here")
+    if d.index is not None and d.index >= torch.cuda.device_count():
+        raise UsageError(f"--device {device!r}: there are {torch.cuda.device_count()} CUDA devices")
+    return str(d)
 
 
 def _encoder(device: str) -> Callable:
@@ -86,90 +136,192 @@ def _encoder(device: str) -> Callable:
     return quantize
 
 
+@dataclass
+class Plan:
+    """What the checks established: the layers, their costs, the bit budget."""
+
+    layers: list[Layer]
+    costs: dict[str, list[int]]
+    numel: int
+    text: str
+
+
 def quantize_model(s: Settings, progress=None, log: Callable[[str], None] = lambda m: None) -> dict:
+    """Run every stage; returns a summary (output folder, achieved bpw, bytes, layers, allocation)."""
     progress = progress or (lambda items, total, desc: items)
     s.out = Path(s.out)
-    if s.out.exists() and not (s.overwrite and s.out.is_dir()):
-        raise ContainerError("already exists; choose another output folder or pass --overwrite", file=str(s.out))
-    if not 2.0 <= s.bpw <= 8.5:
-        raise Exl2Error(f"target {s.bpw} bpw is outside 2.0..8.5")
-    if s.head_bits not in HEAD_OPTIONS:
-        raise Exl2Error(f"--head-bits must be one of {sorted(HEAD_OPTIONS)} (exllamav2's head options)")
-    text = calibration.read_text(s.calibration) if s.calibration else calibration.default_text()
-    src = arch.load(s.src, s.device)
-    layers = [Layer(k, m, i) for i, (p, b) in enumerate(src.blocks) for k, m in arch.linears(b, p).items()]
-    numel = sum(layer.shape[0] * layer.shape[1] for layer in layers)
-    costs = {layer.key: [o.total_bits(*layer.shape, layer.bias) for o in s.options] for layer in layers}
-    lo = sum(min(c) for c in costs.values()) / numel
-    hi = sum(max(c) for c in costs.values()) / numel
-    if not lo <= s.bpw <= hi:
-        raise Exl2Error(f"target {s.bpw} bpw is outside what the options reach for this model ({lo:.2f}..{hi:.2f})")
-    estimate = numel * s.bpw / 8 + 2 * sum(p.numel() for p in src.model.parameters()) - 2 * numel
-    free = shutil.disk_usage(s.out.parent if s.out.parent.exists() else Path.cwd()).free
-    if free < 2 * estimate:
-        raise Exl2Error(f"not enough disk: about {2 * estimate / 1e9:.1f} GB needed, {free / 1e9:.1f} GB free")
-
-    params = {"source": str(src.path), "options": [o.desc() for o in s.options], "bpw": s.bpw, "head_bits": s.head_bits,
-              "calibration": {"rows": s.rows, "length": s.length, "sha256": hashlib.sha256(text.encode()).hexdigest()}}
-    job = Job(s.out, params)
-    data = calibration.batches(src.tokenizer, text, s.rows, s.length, s.device)
-    model_kwargs = {"use_cache": False} if src.head is not None else {}
-    encode = _encoder(s.device)
-
-    measurement = _measurement(s, src, layers, costs, data, model_kwargs, job, encode, progress, log)
-    keys = [layer.key for layer in layers]
-    alloc = allocate([measurement["layers"][k]["costs"] for k in keys], [measurement["layers"][k]["errors"] for k in keys],
-                     int(numel * s.bpw))
-    choice = dict(zip(keys, alloc.choice))
-    log(f"allocation: {alloc.total_bits / numel:.4f} bpw, error {alloc.objective:.5g} (certified gap {alloc.gap:.2g})")
-
-    _quantize_pass(s, src, layers, choice, data, model_kwargs, job, encode, progress)
-    summary = _write_output(s, src, layers, job, measurement, text)
+    _check_settings(s)
+    text = calibration.read_text(s.calibration)
+    with open_source(s.src, s.device, streaming=s.streaming) as src:
+        plan = _plan(s, src, text, log)
+        params = {"source": str(src.path), "options": [o.desc() for o in s.options], "bpw": s.bpw,
+                  "head_bits": s.head_bits,
+                  "calibration": {"rows": s.rows, "length": s.length, "sha256": hashlib.sha256(text.encode()).hexdigest()}}
+        data = calibration.batches(src.tokenizer, text, s.rows, s.length, s.device,
+                                   where=str(s.calibration or "the default calibration text"))
+        given = load_measurement(s, plan.layers) if s.measurement is not None else None
+        job = _job(s.out, params)
+        encode = _encoder(s.device)
+        m = given or measure(s, src, plan, data, job, encode, progress)
+        choice, alloc = allocate_bits(plan, m, s.bpw)
+        log(f"allocation: {alloc.total_bits / plan.numel:.4f} bpw, error {alloc.objective:.5g} "
+            f"(certified gap {alloc.gap:.2g})")
+        quantize_pass(s, src, plan.layers, choice, data, job, encode, progress)
+        summary = write_output(s, src, plan.layers, job, m, log)
     summary.update(allocation={"objective": alloc.objective, "bound": alloc.bound,
                                "choice": {k: s.options[j].desc() for k, j in choice.items()}})
     job.remove()
     return summary
 
 
-def _measurement(s, src, layers, costs, data, model_kwargs, job, encode, progress, log) -> dict:
-    options = [o.desc() for o in s.options]
-    if s.measurement is not None:
-        try:
-            m = json.loads(Path(s.measurement).read_text())
-        except (OSError, ValueError):
-            raise ContainerError("is not a readable measurement.json", file=str(s.measurement)) from None
-        missing = [layer.key for layer in layers if layer.key not in m.get("layers", {})]
-        if m.get("options") != options or missing:
-            raise Exl2Error(f"{s.measurement}: measurement does not match this model and option set"
-                            + (f" (no {missing[0]})" if missing else ""))
-        return m
+# -- 1. checks ------------------------------------------------------------------------------
+
+
+def _check_settings(s: Settings) -> None:
+    if not (isinstance(s.bpw, (int, float)) and 2.0 <= s.bpw <= 8.5):
+        raise UsageError(f"target {s.bpw} bpw is outside 2.0..8.5")
+    if s.head_bits not in HEAD_OPTIONS:
+        raise UsageError(f"--head-bits must be one of {sorted(HEAD_OPTIONS)} (exllamav2's head options)")
+    if s.rows < 1 or s.length < 8:
+        raise UsageError("--rows must be at least 1 and --length at least 8")
+    s.device = check_device(s.device)
+    if s.out.exists() and not (s.overwrite and s.out.is_dir()):
+        raise ContainerError("already exists; choose another output folder or pass --overwrite", file=str(s.out))
+    parent = next((p for p in s.out.absolute().parents if p.exists()), None)
+    if parent is None or not parent.is_dir():
+        raise ContainerError("cannot be created: a parent is not a folder", file=str(s.out))
+
+
+def _plan(s: Settings, src: Source, text: str, log: Callable[[str], None]) -> Plan:
+    layers = [Layer(k, m, i) for i, (p, b) in enumerate(src.blocks) for k, m in arch.linears(b, p).items()]
+    for layer in layers:
+        layer.fits = [j for j, o in enumerate(s.options) if fits(o, layer.shape[0])]
+        if not layer.fits:
+            raise FormatError(f"{layer.key} has {layer.shape[0]} input rows, which no option cuts into groups of a "
+                              f"multiple of 32 rows (16 for 2-bit), as EXL2 requires (spec 4.4)", file=str(src.path))
+    if src.head is not None and not fits(head_option(s.head_bits), src.head[1].in_features):
+        raise FormatError(f"{src.head[0]}: its {src.head[1].in_features} input rows do not fit head option "
+                          f"--head-bits {s.head_bits} (groups of a multiple of 32 rows, spec 4.4)", file=str(src.path))
+    numel = sum(layer.shape[0] * layer.shape[1] for layer in layers)
+    costs = {layer.key: [cost(o, layer) for o in s.options] for layer in layers}
+    lo = sum(min(costs[layer.key][j] for j in layer.fits) for layer in layers) / numel
+    hi = sum(max(costs[layer.key][j] for j in layer.fits) for layer in layers) / numel
+    if not lo <= s.bpw <= hi:
+        raise UsageError(f"target {s.bpw} bpw is outside what the options reach for this model ({lo:.2f}..{hi:.2f})")
+    estimate = numel * s.bpw / 8 + 2 * src.numel() - 2 * numel
+    free = shutil.disk_usage(next(p for p in s.out.absolute().parents if p.exists())).free
+    if free < 2 * estimate:
+        raise ContainerError(f"not enough disk: about {2 * estimate / 1e9:.1f} GB needed, {free / 1e9:.1f} GB free",
+                             file=str(s.out))
+    log(memory_estimate(src, s.rows * s.length, s.device).line())
+    return Plan(layers, costs, numel, text)
+
+
+def memory_estimate(src: Source, tokens: int, device: str) -> memory.Estimate:
+    """The memory :mod:`exl2.model.memory` expects for converting ``src`` with ``tokens``
+    calibration tokens (rows x length)."""
+    sizes = [sum(p.numel() for p in b.parameters()) for _, b in src.blocks]
+    shapes = [(m.in_features, m.out_features) for p, b in src.blocks for m in arch.linears(b, p).values()]
+    head = src.head[1] if src.head is not None else None
+    outside = src.numel() - sum(sizes) - (head.weight.numel() if head is not None else 0)
+    return memory.estimate(max(sizes), shapes, shapes[0][0], tokens, max(0, outside),
+                           None if head is None else (head.in_features, head.out_features), device,
+                           resident=0 if src.streaming else 4 * src.numel())
+
+
+def _job(out: Path, params: dict) -> Job:
+    try:
+        return Job(out, params)
+    except OSError as e:
+        raise ContainerError(f"cannot be written ({e.strerror})", file=str(out.with_name(out.name + ".partial"))) \
+            from None
+
+
+# -- 2. measurement -------------------------------------------------------------------------
+
+
+def _block_layers(layers: list[Layer], i: int) -> list[Layer]:
+    return [layer for layer in layers if layer.block == i]
+
+
+def _model_kwargs(src: Source) -> dict:
+    return {"use_cache": False} if src.causal else {}
+
+
+class _Hessians:
+    """The Hessians of one block, one per group of linears reading the same input, each computed
+    when first asked for and dropped after its group's last linear."""
+
+    def __init__(self, block, layers: list[Layer], inputs: calibration.BlockInputs) -> None:
+        self.block, self.inputs = block, inputs
+        modules = {layer.key: layer.module for layer in layers}
+        self.modules = modules
+        self.group = {k: tuple(g) for g in calibration.input_groups(block, modules, inputs) for k in g}
+        self.cache: dict[tuple[str, ...], torch.Tensor] = {}
+
+    def get(self, key: str) -> torch.Tensor:
+        g = self.group[key]
+        if g not in self.cache:
+            self.cache[g] = calibration.group_hessian(self.block, self.modules[g[0]], self.inputs)
+        return self.cache[g]
+
+    def done(self, key: str, remaining: set[str]) -> None:
+        g = self.group[key]
+        if not remaining.intersection(g):
+            self.cache.pop(g, None)
+
+
+def _encode(encode: Callable, key: str, where: Path, weight: torch.Tensor, option: QParams, hessian, bias=None):
+    try:
+        return encode(weight, option, hessian, bias=bias)
+    except ValueError as e:
+        raise ContainerError(f"cannot be quantized: {e}", file=str(where), tensor=f"{key}.weight") from None
+
+
+def measure(s: Settings, src: Source, plan: Plan, data, job: Job, encode: Callable, progress) -> dict:
+    """Every fitting option's error for every layer (``measurement.json``: per layer ``shape``,
+    ``costs`` and ``errors`` aligned with ``options``; ``null`` for an option that does not fit)."""
     m = job.measurement()
-    m.update(options=options, source=str(src.path))
-    todo = [i for i, (p, b) in enumerate(src.blocks)
-            if any(layer.key not in m["layers"] for layer in layers if layer.block == i)]
-    if todo:
-        inputs = calibration.first_block_inputs(src.model, src.blocks[0][1], data, **model_kwargs)
-        for i, (prefix, block) in progress(list(enumerate(src.blocks)), len(src.blocks), "measure"):
-            block_layers = [layer for layer in layers if layer.block == i]
+    m.update(options=[o.desc() for o in s.options], source=str(src.path))
+    todo = [i for i in range(len(src.blocks)) if any(layer.key not in m["layers"] for layer in _block_layers(plan.layers, i))]
+    if not todo:
+        return m
+    with src.outside():
+        inputs = calibration.first_block_inputs(src.model, src.blocks[0][1], data, **_model_kwargs(src))
+    for i in progress(range(todo[-1] + 1), todo[-1] + 1, "measure"):
+        with src.block(i) as block:
             if i in todo:
-                h = calibration.hessians(block, {layer.key: layer.module for layer in block_layers}, inputs)
-                reference = calibration.run_block(block, inputs).args
-                for layer in block_layers:
-                    if layer.key in m["layers"]:
-                        continue
-                    w = layer.module.weight.detach().clone()
-                    errors = []
-                    for opt in s.options:
-                        qm = encode(w.to(torch.float32), opt, h[layer.key])
-                        _apply(layer.module, qm)
-                        errors.append(_output_error(block, inputs, reference))
-                    with torch.no_grad():
-                        layer.module.weight.copy_(w)
-                    m["layers"][layer.key] = {"shape": list(layer.shape), "costs": costs[layer.key], "errors": errors}
+                _measure_block(s, src, block, _block_layers(plan.layers, i), plan, inputs, m, encode)
                 job.save_measurement(m)
-            if i + 1 < len(src.blocks):
+            if i < todo[-1]:
                 inputs = calibration.run_block(block, inputs)
     return m
+
+
+def _measure_block(s, src, block, layers: list[Layer], plan: Plan, inputs, m: dict, encode) -> None:
+    reference = calibration.run_block(block, inputs).args
+    hessians = _Hessians(block, layers, inputs)
+    remaining = {layer.key for layer in layers if layer.key not in m["layers"]}
+    for layer in layers:
+        if layer.key not in remaining:
+            continue
+        h = hessians.get(layer.key)
+        module = layer.module
+        w = module.weight.detach().clone()
+        b = None if module.bias is None else module.bias.detach().clone()
+        errors: list[float | None] = [None] * len(s.options)
+        for j in layer.fits:
+            qm = _encode(encode, layer.key, src.path, w.to(torch.float32), s.options[j], h)
+            _apply(module, qm)
+            errors[j] = _output_error(block, inputs, reference)
+        with torch.no_grad():  # the next layer is measured with this one as it was
+            module.weight.copy_(w)
+            if b is not None:
+                module.bias.copy_(b)
+        del w, b
+        m["layers"][layer.key] = {"shape": list(layer.shape), "costs": plan.costs[layer.key], "errors": errors}
+        remaining.discard(layer.key)
+        hessians.done(layer.key, remaining)
 
 
 def _output_error(block, inputs, reference) -> float:
@@ -178,6 +330,53 @@ def _output_error(block, inputs, reference) -> float:
     num = sum(float((a[0] - b[0]).to(torch.float64).square().sum()) for a, b in zip(out, reference))
     den = sum(float(b[0].to(torch.float64).square().sum()) for b in reference)
     return num / max(den, 1e-30)
+
+
+def load_measurement(s: Settings, layers: list[Layer]) -> dict:
+    """A ``--measurement`` file, checked against this model and option set (any other JSON is a
+    one-line error naming the file and the first entry that is wrong)."""
+    path = str(s.measurement)
+    try:
+        m = json.loads(Path(s.measurement).read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        raise ContainerError("is not a readable measurement.json", file=path) from None
+
+    def bad(why: str) -> ContainerError:
+        return ContainerError(f"does not match this model and option set: {why}", file=path)
+
+    if not isinstance(m, dict) or not isinstance(m.get("layers"), dict):
+        raise bad("no 'layers' object")
+    if m.get("options") != [o.desc() for o in s.options]:
+        raise bad("other options")
+    for layer in layers:
+        entry = m["layers"].get(layer.key)
+        if not isinstance(entry, dict):
+            raise bad(f"no {layer.key}")
+        errors = entry.get("errors")
+        if entry.get("shape") != list(layer.shape) or not isinstance(errors, list) or len(errors) != len(s.options):
+            raise bad(f"{layer.key} has another shape or number of errors")
+        if not all(_error_value(errors[j]) for j in layer.fits):
+            raise bad(f"{layer.key} has an error that is not a finite number >= 0")
+    return m
+
+
+def _error_value(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x >= 0
+
+
+# -- 3. allocation --------------------------------------------------------------------------
+
+
+def allocate_bits(plan: Plan, m: dict, bpw: float):
+    """One option per layer (among those that fit it) within ``numel × bpw`` bits."""
+    layers = plan.layers
+    costs = [[plan.costs[layer.key][j] for j in layer.fits] for layer in layers]
+    errors = [[float(m["layers"][layer.key]["errors"][j]) for j in layer.fits] for layer in layers]
+    alloc = allocate(costs, errors, int(plan.numel * bpw))
+    return {layer.key: layer.fits[c] for layer, c in zip(layers, alloc.choice)}, alloc
+
+
+# -- 4. quantization ------------------------------------------------------------------------
 
 
 def _decoded(qm: QMatrix) -> torch.Tensor:
@@ -194,95 +393,100 @@ def _apply(module: torch.nn.Linear, qm: QMatrix) -> None:
             module.bias.copy_(qm.output_bias.to(module.bias.device, torch.float32))
 
 
-def _quantize_pass(s, src, layers, choice, data, model_kwargs, job, encode, progress) -> None:
-    inputs = calibration.first_block_inputs(src.model, src.blocks[0][1], data, **model_kwargs)
-    for i, (prefix, block) in progress(list(enumerate(src.blocks)), len(src.blocks), "quantize"):
-        block_layers = [layer for layer in layers if layer.block == i]
-        pending = [layer for layer in block_layers if not job.has_layer(layer.key)]
-        h = calibration.hessians(block, {layer.key: layer.module for layer in pending}, inputs) if pending else {}
-        for layer in block_layers:
-            if job.has_layer(layer.key):
-                qm = job.load_layer(layer.key, layer.shape[1])
-            else:
-                w = layer.module.weight.detach().to(torch.float32)
-                qm = encode(w, s.options[choice[layer.key]], h[layer.key], bias=layer.module.bias)
-                job.save_layer(layer.key, qm)
-            _apply(layer.module, qm)
-        if i + 1 < len(src.blocks):
-            inputs = calibration.run_block(block, inputs)
-    if src.head is not None:
-        key, module = src.head
-        if job.has_layer(key):
-            qm = job.load_layer(key, module.out_features)
-        else:
-            h = _head_hessian(src, module, data, model_kwargs)
-            qm = encode(module.weight.detach().to(torch.float32), head_option(s.head_bits), h, bias=module.bias)
-            job.save_layer(key, qm)
-        _apply(module, qm)
+def quantize_pass(s: Settings, src: Source, layers: list[Layer], choice: dict[str, int], data, job: Job,
+                  encode: Callable, progress) -> None:
+    """GPTQ with each layer's chosen option, block by block, then the head."""
+    head_done = src.head is None or job.has_layer(src.head[0])
+    pending = [i for i in range(len(src.blocks)) if not all(job.has_layer(lay.key) for lay in _block_layers(layers, i))]
+    last = len(src.blocks) - 1 if not head_done else (pending[-1] if pending else -1)
+    if last < 0:
+        return
+    with src.outside():
+        inputs = calibration.first_block_inputs(src.model, src.blocks[0][1], data, **_model_kwargs(src))
+    for i in progress(range(last + 1), last + 1, "quantize"):
+        with src.block(i) as block:
+            _quantize_block(s, src, block, _block_layers(layers, i), choice, inputs, job, encode)
+            if i < last or not head_done:
+                inputs = calibration.run_block(block, inputs)
+    if not head_done:
+        _quantize_head(s, src, inputs, data, job, encode)
 
 
-def _head_hessian(src, module, data, model_kwargs) -> torch.Tensor:
-    total = torch.zeros(module.in_features, module.in_features, device=module.weight.device)
-    count = 0
+def _quantize_block(s, src, block, layers: list[Layer], choice, inputs, job: Job, encode) -> None:
+    # Every Hessian of the block is taken from its weights as loaded; the decoded weights are
+    # put in place only once all its layers are quantized.
+    todo = [layer for layer in layers if not job.has_layer(layer.key)]
+    done: dict[str, QMatrix] = {}
+    if todo:
+        hessians = _Hessians(block, todo, inputs)
+        remaining = {layer.key for layer in todo}
+        for layer in todo:
+            w = layer.module.weight.detach().to(torch.float32)
+            qm = _encode(encode, layer.key, src.path, w, s.options[choice[layer.key]], hessians.get(layer.key),
+                         layer.module.bias)
+            done[layer.key] = qm
+            job.save_layer(layer.key, done[layer.key])
+            remaining.discard(layer.key)
+            hessians.done(layer.key, remaining)
+    for layer in layers:
+        qm = done.pop(layer.key, None) or job.load_layer(layer.key, layer.shape[1])
+        _apply(layer.module, qm)
 
-    def hook(_m, args, _out):
-        nonlocal count
-        x = args[0].reshape(-1, args[0].shape[-1]).to(torch.float32)
-        total.addmm_(x.T, x)
-        count += x.shape[0]
 
-    handle = module.register_forward_hook(hook)
-    try:
-        with torch.inference_mode():
-            for batch in data:
-                src.model(**batch, **model_kwargs)
-    finally:
-        handle.remove()
-    return total / max(count, 1)
+def _quantize_head(s, src, last_outputs, data, job: Job, encode) -> None:
+    key, module = src.head
+    with src.outside():
+        h = calibration.head_hessian(src.model, src.block_list, module, last_outputs, data, **_model_kwargs(src))
+    weight, bias = src.head_weights()
+    job.save_layer(key, _encode(encode, key, src.path, weight, head_option(s.head_bits), h, bias))
 
 
-def _write_output(s, src, layers, job, measurement, text) -> dict:
+# -- 5. output ------------------------------------------------------------------------------
+
+
+class _Reader:
+    """Each output tensor by name: from the job's layer files (one file open at a time), else
+    from the source."""
+
+    def __init__(self, where: dict[str, Path], src: Source) -> None:
+        self.where, self.src, self.open = where, src, (None, None)
+
+    def __call__(self, name: str) -> torch.Tensor:
+        f = self.where.get(name)
+        if f is None:
+            return self.src.plain_tensor(name)
+        if self.open[0] != f:
+            self.open = (f, open_model(f))
+        return self.open[1][name]
+
+
+def write_output(s: Settings, src: Source, layers: list[Layer], job: Job, measurement: dict,
+                 log: Callable[[str], None] = lambda m: None) -> dict:
     quantized = {layer.key for layer in layers} | ({src.head[0]} if src.head else set())
-    tensors: dict[str, torch.Tensor] = {}
-    for f in job.layer_files():
-        from ..io import open_model
-
-        m = open_model(f)
-        tensors.update({n: m[n] for n in m})
-    skip = {f"{k}.{p}" for k in quantized for p in ("weight", "bias")}
-    for name, t in src.model.state_dict().items():
-        if name in skip or name in tensors:
-            continue
-        t = t.detach().cpu()
-        tensors[name] = t.to(torch.float16) if t.is_floating_point() else t.contiguous()
-    config = dict(src.config)
+    entries, where = output.layer_entries(job.layer_files())
+    skip = {f"{k}.{p}" for k in quantized for p in ("weight", "bias")} | set(where)
+    entries += src.plain_entries(skip)
+    config, notes = arch.exllamav2_config(src.config)
+    for note in notes:
+        log(note)
     config["quantization_config"] = {
         "quant_method": "exl2", "version": __version__, "bits": s.bpw, "head_bits": s.head_bits,
         "calibration": {"rows": s.rows, "length": s.length,
                         "dataset": Path(s.calibration).name if s.calibration else "(default)"}}
-    with atomic_path(s.out, folder=True) as tmp:  # an existing folder (--overwrite) goes only once this one is in place
-        names = list(tensors)
-        shards, size, current = [], 0, []
-        for n in names:
-            nbytes = tensors[n].numel() * tensors[n].element_size()
-            if current and size + nbytes > s.shard_bytes:
-                shards.append(current)
-                current, size = [], 0
-            current.append(n)
-            size += nbytes
-        shards.append(current)
-        for i, shard in enumerate(shards):
-            fname = "output.safetensors" if len(shards) == 1 else f"output-{i + 1:05}-of-{len(shards):05}.safetensors"
-            save_tensors(tmp / fname, {n: tensors[n] for n in shard})
-        (tmp / "config.json").write_text(json.dumps(config, indent=4))
-        (tmp / "measurement.json").write_text(json.dumps(measurement, indent=1))
-        for f in sorted(src.path.iterdir()):
-            if f.is_file() and f.name != "config.json" and not f.name.endswith(SKIP_COPY):
-                shutil.copy2(f, tmp / f.name)
-    q_bits = sum(QMatrix.from_tensors(tensors, layer.key, out_features=layer.shape[1]).storage_bits() for layer in layers)
+    try:
+        with atomic_path(s.out, folder=True) as tmp:  # an existing folder (--overwrite) goes only once this one is in place
+            output.write_shards(tmp, entries, _Reader(where, src), s.shard_bytes)
+            (tmp / "config.json").write_text(json.dumps(config, indent=4))
+            (tmp / "measurement.json").write_text(json.dumps(measurement, indent=1))
+            for f in sorted(src.path.iterdir()):
+                if f.is_file() and f.name != "config.json" and not f.name.endswith(SKIP_COPY):
+                    shutil.copy2(f, tmp / f.name)
+    except OSError as e:
+        raise ContainerError(f"cannot be written ({e.strerror})", file=str(s.out)) from None
+    q_bits = sum(job.load_layer(layer.key, layer.shape[1]).storage_bits() for layer in layers)
     numel = sum(layer.shape[0] * layer.shape[1] for layer in layers)
     return {"out": str(s.out), "bpw": q_bits / numel, "target_bpw": s.bpw,
             "bytes": sum(f.stat().st_size for f in s.out.glob("*.safetensors")), "layers": len(layers)}
 
 
-__all__ = ["Settings", "quantize_model"]
+__all__ = ["Settings", "UsageError", "fits", "quantize_model"]

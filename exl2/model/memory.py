@@ -1,0 +1,79 @@
+"""How much memory ``exl2 quantize`` needs, printed before the long work starts.
+
+The converter holds one block at a time, so its peak is the largest of three phases, on top of
+the process itself (Python, torch and transformers, :data:`BASE_BYTES`):
+
+- **a block**: its weights in float32 (4 bytes per parameter), the calibration activations
+  (the block's inputs, its outputs and, while measuring, the reference outputs: 3 x rows x
+  length x hidden x 4 bytes), one Hessian (``K^2`` x 4 bytes for the widest input ``K``; linears
+  reading the same input share one) and the encoder's work on the largest linear
+  (:func:`encode_bytes`);
+- **outside the blocks**: the embeddings and final norm in float32 while the model runs up to the
+  first block, or from the last block to the head;
+- **the head**: its weight in float32 and the encoder's work on it.
+
+On ``--device cuda`` the same three phases are in VRAM instead; the CPU then holds the process
+and one tensor being read at a time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+#: Resident size of the ``exl2 quantize`` process itself, with torch and transformers imported
+#: (measured: a conversion of a two-block model of 0.15 M weights per block peaks at 0.56 GB on
+#: Linux x86-64 with the CPU build of torch, ``benchmarks/streaming.py``).
+BASE_BYTES = 560 << 20
+
+
+def encode_bytes(k: int, n: int) -> int:
+    """Working memory of GPTQ on a ``[k, n]`` linear (``exl2.reference.quantize``): the weight
+    transposed and permuted (2 x 4 bytes per weight), int64 codes (8), the original kept to put
+    back after measuring (4), and the damped, permuted and factored Hessian (4 x 4 bytes per
+    entry of ``k^2``)."""
+    return 20 * k * n + 16 * k * k
+
+
+@dataclass(frozen=True)
+class Estimate:
+    block: int
+    outside: int
+    head: int
+    device: str
+    #: Held for the whole run: the model in float32 when it is loaded whole (not streaming).
+    resident: int = 0
+
+    @property
+    def peak(self) -> int:
+        return max(self.block, self.outside, self.head)
+
+    @property
+    def cpu(self) -> int:
+        return BASE_BYTES + (self.resident + self.peak if self.device == "cpu" else 0)
+
+    @property
+    def gpu(self) -> int:
+        return 0 if self.device == "cpu" else self.resident + self.peak
+
+    def line(self) -> str:
+        gb = 1e9
+        where = "RAM" if self.device == "cpu" else f"{self.device} memory (RAM: about {BASE_BYTES / gb:.1f} GB)"
+        phase = max(("a block", self.block), ("outside the blocks", self.outside), ("the head", self.head),
+                    key=lambda x: x[1])[0]
+        whole = f", the whole model {self.resident / gb:.2f} GB" if self.resident else ""
+        return (f"memory: about {(self.cpu if self.device == 'cpu' else self.gpu) / gb:.1f} GB of {where} at the "
+                f"peak ({phase}{whole}); per block {self.block / gb:.2f} GB, outside the blocks {self.outside / gb:.2f} GB, "
+                f"head {self.head / gb:.2f} GB")
+
+
+def estimate(block_params: int, layer_shapes: list[tuple[int, int]], hidden: int, tokens: int,
+             outside_params: int, head_shape: tuple[int, int] | None, device: str = "cpu",
+             resident: int = 0) -> Estimate:
+    """The phases' bytes for a model whose largest block has ``block_params`` parameters and
+    linears ``layer_shapes`` (``(in_features, out_features)``), ``tokens`` = rows x length."""
+    activations = 3 * tokens * hidden * 4
+    widest = max(k for k, _ in layer_shapes)
+    block = 4 * block_params + activations + 4 * widest * widest + max(encode_bytes(k, n) for k, n in layer_shapes)
+    outside = 4 * outside_params + 2 * tokens * hidden * 4
+    head = 0 if head_shape is None else 4 * head_shape[0] * head_shape[1] + encode_bytes(*head_shape) + activations
+    return Estimate(block, outside, head, "cpu" if device == "cpu" else device, resident)
