@@ -20,8 +20,17 @@ def default_text() -> str:
     return resources.files("exl2.data").joinpath("calibration.txt").read_text(encoding="utf-8")
 
 
-def batches(tokenizer, text: str, rows: int, length: int, device: str = "cpu") -> list[dict[str, torch.Tensor]]:
-    """``rows`` sequences of ``length`` tokens cut from ``text`` (repeated as needed), one per batch."""
+def batches(tokenizer, text: str, rows: int, length: int, device: str = "cpu",
+            layout: str = "stream") -> list[dict[str, torch.Tensor]]:
+    """Calibration rows, one per batch. ``layout="stream"``: ``rows`` sequences of ``length``
+    tokens cut from ``text`` as one token stream (repeated as needed), no special tokens.
+    ``layout="documents"``: one row per paragraph (line) of ``text``, tokenized as the model sees
+    its inputs (the tokenizer's special tokens: BERT's [CLS] ... [SEP], a llama's BOS),
+    truncated to ``length`` tokens, paragraphs repeated when ``rows`` outnumbers them."""
+    if layout == "documents":
+        return _document_rows(tokenizer, text, rows, length, device)
+    if layout != "stream":
+        raise ValueError(f"unknown calibration layout {layout!r} (stream or documents)")
     ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
     if len(ids) < 8:
         raise ValueError("the calibration text is too short")
@@ -29,6 +38,19 @@ def batches(tokenizer, text: str, rows: int, length: int, device: str = "cpu") -
     ids = (ids * (need // len(ids) + 1))[:need]
     t = torch.tensor(ids, dtype=torch.long, device=device).view(rows, length)
     return [{"input_ids": t[i:i + 1], "attention_mask": torch.ones_like(t[i:i + 1])} for i in range(rows)]
+
+
+def _document_rows(tokenizer, text: str, rows: int, length: int, device: str) -> list[dict[str, torch.Tensor]]:
+    paragraphs = [p.strip() for p in text.split("\n") if p.strip()]
+    encoded = [tokenizer(p, truncation=True, max_length=length, verbose=False)["input_ids"] for p in paragraphs]
+    encoded = [ids for ids in encoded if ids]
+    if sum(len(ids) for ids in encoded) < 8:
+        raise ValueError("the calibration text is too short")
+    out = []
+    for i in range(rows):
+        t = torch.tensor([encoded[i % len(encoded)]], dtype=torch.long, device=device)
+        out.append({"input_ids": t, "attention_mask": torch.ones_like(t)})
+    return out
 
 
 class _Stop(Exception):
