@@ -35,7 +35,7 @@ from ..errors import ContainerError, Exl2Error
 from ..io import atomic_path, save_tensors
 from ..qmatrix import QMatrix
 from ..qparams import QParams
-from . import arch, calibration
+from . import arch, calibration, centering
 from .allocate import allocate
 from .job import Job
 from .options import HEAD_OPTIONS, OPTIONS, head_option
@@ -53,6 +53,9 @@ class Settings:
     calibration: Path | None = None
     rows: int = 16
     length: int = 128
+    layout: str = "stream"  #: calibration.batches: "stream" or "documents"
+    quant_rows: int | None = None  #: rows for the quantization pass (None: ``rows``)
+    centered: bool = False  #: centering.encode: GPTQ on the input covariance, bias corrected
     measurement: Path | None = None
     device: str = "cpu"
     shard_bytes: int = SHARD_BYTES
@@ -110,9 +113,12 @@ def quantize_model(s: Settings, progress=None, log: Callable[[str], None] = lamb
         raise Exl2Error(f"not enough disk: about {2 * estimate / 1e9:.1f} GB needed, {free / 1e9:.1f} GB free")
 
     params = {"source": str(src.path), "options": [o.desc() for o in s.options], "bpw": s.bpw, "head_bits": s.head_bits,
-              "calibration": {"rows": s.rows, "length": s.length, "sha256": hashlib.sha256(text.encode()).hexdigest()}}
+              "calibration": {"rows": s.rows, "length": s.length, "layout": s.layout, "quant_rows": s.quant_rows,
+                              "centered": s.centered, "sha256": hashlib.sha256(text.encode()).hexdigest()}}
     job = Job(s.out, params)
-    data = calibration.batches(src.tokenizer, text, s.rows, s.length, s.device)
+    data = calibration.batches(src.tokenizer, text, s.rows, s.length, s.device, layout=s.layout)
+    quant_data = data if s.quant_rows in (None, s.rows) else \
+        calibration.batches(src.tokenizer, text, s.quant_rows, s.length, s.device, layout=s.layout)
     model_kwargs = {"use_cache": False} if src.head is not None else {}
     encode = _encoder(s.device)
 
@@ -123,7 +129,7 @@ def quantize_model(s: Settings, progress=None, log: Callable[[str], None] = lamb
     choice = dict(zip(keys, alloc.choice))
     log(f"allocation: {alloc.total_bits / numel:.4f} bpw, error {alloc.objective:.5g} (certified gap {alloc.gap:.2g})")
 
-    _quantize_pass(s, src, layers, choice, data, model_kwargs, job, encode, progress)
+    _quantize_pass(s, src, layers, choice, quant_data, model_kwargs, job, encode, progress)
     summary = _write_output(s, src, layers, job, measurement, text)
     summary.update(allocation={"objective": alloc.objective, "bound": alloc.bound,
                                "choice": {k: s.options[j].desc() for k, j in choice.items()}})
@@ -152,19 +158,24 @@ def _measurement(s, src, layers, costs, data, model_kwargs, job, encode, progres
         for i, (prefix, block) in progress(list(enumerate(src.blocks)), len(src.blocks), "measure"):
             block_layers = [layer for layer in layers if layer.block == i]
             if i in todo:
-                h = calibration.hessians(block, {layer.key: layer.module for layer in block_layers}, inputs)
+                stats = centering.input_stats(block, {layer.key: layer.module for layer in block_layers}, inputs)
                 reference = calibration.run_block(block, inputs).args
                 for layer in block_layers:
                     if layer.key in m["layers"]:
                         continue
                     w = layer.module.weight.detach().clone()
+                    bias = None if layer.module.bias is None else layer.module.bias.detach().clone()
                     errors = []
                     for opt in s.options:
-                        qm = encode(w.to(torch.float32), opt, h[layer.key])
+                        # without centering the bias stays as it is while measuring (as on main)
+                        qm = centering.encode(encode, w, opt, stats[layer.key], bias if s.centered else None,
+                                              centered=s.centered)
                         _apply(layer.module, qm)
                         errors.append(_output_error(block, inputs, reference))
                     with torch.no_grad():
                         layer.module.weight.copy_(w)
+                        if bias is not None:
+                            layer.module.bias.copy_(bias)
                     m["layers"][layer.key] = {"shape": list(layer.shape), "costs": costs[layer.key], "errors": errors}
                 job.save_measurement(m)
             if i + 1 < len(src.blocks):
@@ -199,13 +210,13 @@ def _quantize_pass(s, src, layers, choice, data, model_kwargs, job, encode, prog
     for i, (prefix, block) in progress(list(enumerate(src.blocks)), len(src.blocks), "quantize"):
         block_layers = [layer for layer in layers if layer.block == i]
         pending = [layer for layer in block_layers if not job.has_layer(layer.key)]
-        h = calibration.hessians(block, {layer.key: layer.module for layer in pending}, inputs) if pending else {}
+        stats = centering.input_stats(block, {layer.key: layer.module for layer in pending}, inputs) if pending else {}
         for layer in block_layers:
             if job.has_layer(layer.key):
                 qm = job.load_layer(layer.key, layer.shape[1])
             else:
-                w = layer.module.weight.detach().to(torch.float32)
-                qm = encode(w, s.options[choice[layer.key]], h[layer.key], bias=layer.module.bias)
+                qm = centering.encode(encode, layer.module.weight, s.options[choice[layer.key]], stats[layer.key],
+                                      layer.module.bias, centered=s.centered)
                 job.save_layer(layer.key, qm)
             _apply(layer.module, qm)
         if i + 1 < len(src.blocks):
