@@ -57,12 +57,13 @@ def test_document_layout_feeds_rows_as_the_model_sees_them():
 
     tok = AutoTokenizer.from_pretrained(str(arch.resolve("example:minilm")))
     text = "First paragraph, short.\n\nSecond one is a little longer than the first.\n" + "word " * 300 + "\n"
-    rows = batches(tok, text, 5, 64, "documents")
-    assert len(rows) == 5
+    rows = batches(tok, text, 10, 64, "documents")
     ids = [r["input_ids"][0].tolist() for r in rows]
     assert all(r[0] == tok.cls_token_id and r[-1] == tok.sep_token_id for r in ids)
-    assert len(ids[2]) == 64  # truncated to the length
-    assert ids[3] == ids[0]  # paragraphs repeat when rows outnumber them
+    # the long paragraph is split, not cut: 300 words in rows of 62 and one of the rest
+    words = [r for r in ids if r[1] == tok.convert_tokens_to_ids("word")]
+    assert [len(r) for r in words[:5]] == [64, 64, 64, 64, 300 - 4 * 62 + 2]
+    assert ids[7] == ids[0]  # rows repeat from the first when they outnumber the pieces
     assert all(torch.equal(r["attention_mask"], torch.ones_like(r["input_ids"])) for r in rows)
     stream = batches(tok, text, 2, 16, "stream")
     assert all(tok.cls_token_id not in r["input_ids"][0].tolist() for r in stream)

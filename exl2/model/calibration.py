@@ -24,9 +24,10 @@ def batches(tokenizer, text: str, rows: int, length: int, device: str = "cpu",
             layout: str = "stream") -> list[dict[str, torch.Tensor]]:
     """Calibration rows, one per batch. ``layout="stream"``: ``rows`` sequences of ``length``
     tokens cut from ``text`` as one token stream (repeated as needed), no special tokens.
-    ``layout="documents"``: one row per paragraph (line) of ``text``, tokenized as the model sees
-    its inputs (the tokenizer's special tokens: BERT's [CLS] ... [SEP], a llama's BOS),
-    truncated to ``length`` tokens, paragraphs repeated when ``rows`` outnumbers them."""
+    ``layout="documents"``: one row per paragraph (line) of ``text``, framed as the model sees
+    its inputs (the tokenizer's special tokens: BERT's [CLS] ... [SEP], a llama's BOS), a
+    paragraph longer than ``length`` tokens split over several rows; rows repeat from the first
+    when ``rows`` outnumbers them."""
     if layout == "documents":
         return _document_rows(tokenizer, text, rows, length, device)
     if layout != "stream":
@@ -40,15 +41,33 @@ def batches(tokenizer, text: str, rows: int, length: int, device: str = "cpu",
     return [{"input_ids": t[i:i + 1], "attention_mask": torch.ones_like(t[i:i + 1])} for i in range(rows)]
 
 
+def _special_frame(tokenizer) -> tuple[list[int], list[int]]:
+    """The tokens the tokenizer puts before and after a text (BERT: [CLS] / [SEP]; llama: BOS)."""
+    plain = tokenizer("calibration", add_special_tokens=False, verbose=False)["input_ids"]
+    full = tokenizer("calibration", add_special_tokens=True, verbose=False)["input_ids"]
+    for k in range(len(full) - len(plain) + 1):
+        if full[k:k + len(plain)] == plain:
+            return full[:k], full[k + len(plain):]
+    return [], []
+
+
 def _document_rows(tokenizer, text: str, rows: int, length: int, device: str) -> list[dict[str, torch.Tensor]]:
-    paragraphs = [p.strip() for p in text.split("\n") if p.strip()]
-    encoded = [tokenizer(p, truncation=True, max_length=length, verbose=False)["input_ids"] for p in paragraphs]
-    encoded = [ids for ids in encoded if ids]
-    if sum(len(ids) for ids in encoded) < 8:
+    """Each paragraph in pieces of at most ``length`` tokens, special tokens included (a long
+    paragraph gives several rows, so no text is cut away); the first ``rows`` pieces, cycling."""
+    prefix, suffix = _special_frame(tokenizer)
+    specials = len(prefix) + len(suffix)
+    if length <= specials:
+        raise ValueError(f"calibration rows of {length} tokens leave no room for text")
+    pieces = []
+    for p in (p.strip() for p in text.split("\n")):
+        ids = tokenizer(p, add_special_tokens=False, verbose=False)["input_ids"] if p else []
+        step = length - specials
+        pieces += [prefix + ids[i:i + step] + suffix for i in range(0, len(ids), step)]
+    if sum(len(x) for x in pieces) < 8:
         raise ValueError("the calibration text is too short")
     out = []
     for i in range(rows):
-        t = torch.tensor([encoded[i % len(encoded)]], dtype=torch.long, device=device)
+        t = torch.tensor([pieces[i % len(pieces)]], dtype=torch.long, device=device)
         out.append({"input_ids": t, "attention_mask": torch.ones_like(t)})
     return out
 

@@ -133,15 +133,16 @@ def exact_plans(m: dict, budgets: list[int]) -> list[dict[str, QParams]]:
     return [_choice(m, allocate(costs(m), errors, b).choice) for b in budgets]
 
 
-def anneal_plans(measurements: list[tuple[dict, list[int]]], seed: int = 0) -> list[list[tuple[dict[str, QParams], dict]]]:
+def anneal_plans(measurements: list[tuple[dict, list[int]]], seed: int = 0,
+                 **kw) -> list[list[tuple[dict[str, QParams], dict]]]:
     """exllamav2's ``optimize`` on ``1 - accuracy`` for every (measurement, budgets) pair, all
     calls of a stage in one vectorized batch; per measurement, per budget: the choice and
-    ``{"norm", "max_error"}``."""
+    ``{"norm", "max_error"}``. ``kw`` (``samples``, ``iterations``) shortens the schedule, for checks only."""
     from .baseline_exllamav2 import Problem, optimize_many
 
     problems = [Problem(costs(m), [[r["error"] for r in s["rows"]] for s in m["slots"]], b)
                 for m, budgets in measurements for b in budgets]
-    results = iter(optimize_many(problems, seed))
+    results = iter(optimize_many(problems, seed, **kw))
     out = []
     for m, budgets in measurements:
         row = []

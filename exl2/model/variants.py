@@ -212,6 +212,8 @@ class Converter:
     def __init__(self, src: str, text: str, log: Callable[[str], None] = print) -> None:
         self.src_name, self.text, self.log = src, text, log
         self._measurements: dict[tuple, tuple[dict, float]] = {}
+        self._numel: int | None = None
+        self._keys: list[str] | None = None
 
     def load(self) -> arch.Source:
         return arch.load(self.src_name)
@@ -248,18 +250,28 @@ class Converter:
     def layers(self, src: arch.Source) -> list[tuple[str, torch.nn.Linear]]:
         return [(k, m) for linears in block_linears(src) for k, m in linears]
 
+    def keys(self) -> list[str]:
+        if self._keys is None:
+            self._keys = [k for k, _ in self.layers(self.load())]
+        return self._keys
+
     def numel(self) -> int:
-        return sum(m.in_features * m.out_features for _, m in self.layers(self.load()))
+        """The weights of the block linears (loads the source once)."""
+        if self._numel is None:
+            src = self.load()
+            self._numel = sum(m.in_features * m.out_features for _, m in self.layers(src))
+            self._keys = [k for k, _ in self.layers(src)]
+        return self._numel
 
     def plans(self, recipe: Recipe, bpws: list[float]) -> tuple[list[dict[str, QParams]], float]:
         """The choice of QParams per linear for each target, and the seconds the allocation took
         (exact allocation; exllamav2's annealing is run by :func:`slots.anneal_plans`, which
         batches many measurements)."""
+        if recipe.uniform is not None:
+            return [dict.fromkeys(self.keys(), recipe.uniform)], 0.0
+        m, _, _ = self.measurement(recipe)
         src = self.load()
         layers = self.layers(src)
-        if recipe.uniform is not None:
-            return [{k: recipe.uniform for k, _ in layers}], 0.0
-        m, _, _ = self.measurement(recipe)
         t0 = time.perf_counter()
         budgets = [int(self.numel() * b) for b in bpws]
         if recipe.measure == "linear":
