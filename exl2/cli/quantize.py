@@ -21,7 +21,7 @@ def quantize_cmd(
     calibration: Path = typer.Option(None, "--calibration", help="calibration text file (default: shipped corpus)"),
     measurement: Path = typer.Option(None, "--measurement", help="reuse a measurement.json (skips measuring)"),
     device: str = typer.Option("auto", "--device", help="auto (cuda when there is a GPU), cpu or cuda"),
-    rows: int = typer.Option(16, "--rows", help="calibration rows", min=1),
+    rows: int = typer.Option(32, "--rows", help="calibration rows for the measurement", min=1),
     length: int = typer.Option(128, "--length", help="tokens per calibration row", min=8),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace OUT if it exists (only once the new one is complete)"),
 ) -> None:

@@ -51,11 +51,11 @@ class Settings:
     bpw: float
     head_bits: int = 6
     calibration: Path | None = None
-    rows: int = 16
+    rows: int = 32
     length: int = 128
-    layout: str = "stream"  #: calibration.batches: "stream" or "documents"
-    quant_rows: int | None = None  #: rows for the quantization pass (None: ``rows``)
-    centered: bool = False  #: centering.encode: GPTQ on the input covariance, bias corrected
+    layout: str = "documents"  #: calibration.batches: "stream" or "documents"
+    quant_rows: int | None = 128  #: rows for the quantization pass (None: ``rows``)
+    centered: bool = True  #: centering.encode: GPTQ on the input covariance, bias corrected
     measurement: Path | None = None
     device: str = "cpu"
     shard_bytes: int = SHARD_BYTES
@@ -117,8 +117,9 @@ def quantize_model(s: Settings, progress=None, log: Callable[[str], None] = lamb
                               "centered": s.centered, "sha256": hashlib.sha256(text.encode()).hexdigest()}}
     job = Job(s.out, params)
     data = calibration.batches(src.tokenizer, text, s.rows, s.length, s.device, layout=s.layout)
-    quant_data = data if s.quant_rows in (None, s.rows) else \
-        calibration.batches(src.tokenizer, text, s.quant_rows, s.length, s.device, layout=s.layout)
+    quant_rows = max(s.quant_rows or s.rows, s.rows)  # never fewer rows than the measurement's
+    quant_data = data if quant_rows == s.rows else \
+        calibration.batches(src.tokenizer, text, quant_rows, s.length, s.device, layout=s.layout)
     model_kwargs = {"use_cache": False} if src.head is not None else {}
     encode = _encoder(s.device)
 
