@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from exl2.conformance import validate_path
 from exl2.io import open_model
@@ -24,19 +23,9 @@ OPTS = (QParams(32, [3, 2], [0.25, 0.75]), QParams(32, [4], [1.0]), QParams(32, 
 
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory) -> Path:
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from .tiny_llama import build
 
-    d = tmp_path_factory.mktemp("llama") / "src"
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=256, max_position_embeddings=256, tie_word_embeddings=False)
-    LlamaForCausalLM(cfg).save_pretrained(d, safe_serialization=True)
-    vocab = {chr(i + 32): i for i in range(95)} | {"<unk>": 95}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>").save_pretrained(d)
-    return d
+    return build(tmp_path_factory.mktemp("llama") / "src")
 
 
 def run(src, out, bpw, **kw):
