@@ -54,15 +54,12 @@ class Recipe:
     centered: bool = False
     uniform: QParams | None = None  #: one QParams for every linear: no measurement, no allocation
     measure: str = "linear"  #: "linear" (per linear, block output) or "slot" (exllamav2's tables)
-    #: "block": errors on the block output; "final": each block's errors scaled by that block's
-    #: measured effect on the last block's output (:func:`final_output_weights`)
-    objective: str = "block"
     options: tuple[QParams, ...] = field(default=OPTIONS)
 
     def measurement_key(self) -> tuple:
         """The fields a measurement depends on."""
         return (self.layout, self.rows, self.length, self.gptq, self.percdamp, self.err_norm, self.centered,
-                self.measure, self.objective, tuple(o.desc() for o in self.options))
+                self.measure, tuple(o.desc() for o in self.options))
 
 
 # -- calibration ------------------------------------------------------------------------------
@@ -74,7 +71,7 @@ def batches(tokenizer, text: str, rows: int, length: int, layout: str) -> list[d
 
 # -- encoding one linear ------------------------------------------------------------------------
 
-def encode(module: torch.nn.Linear, qparams: QParams, stats: LinearStats, recipe: Recipe) -> QMatrix:
+def encode(module: torch.nn.Linear, qparams: QParams, stats: LinearStats | None, recipe: Recipe) -> QMatrix:
     """One linear quantized under the recipe (its weights are not changed)."""
     if not recipe.gptq:
         return reference_quantize(module.weight.detach(), qparams, None, bias=module.bias, err_norm=recipe.err_norm)
@@ -144,41 +141,6 @@ def measure_linears(src: arch.Source, data, recipe: Recipe, progress: Callable =
     return errors
 
 
-#: The option whose errors calibrate :func:`final_output_weights`: 4 bits, groups of 128.
-PROBE = QParams(128, [4], [1.0])
-
-
-def final_output_weights(src: arch.Source, data, recipe: Recipe) -> list[float]:
-    """Per block, how much of its output error reaches the last block's output: with every linear
-    of the block quantized at :data:`PROBE` (the rest float), the relative squared error of the
-    last block's output over that of the block's own output. Scaling the block's measured errors
-    by it puts all blocks in units of the final output (one extra pass through the later blocks
-    per block, instead of one per option)."""
-    blocks = [b for _, b in src.blocks]
-    per_block = [calibration.first_block_inputs(src.model, blocks[0], data, **_model_kwargs(src))]
-    for b in blocks[:-1]:
-        per_block.append(calibration.run_block(b, per_block[-1]))
-    final = calibration.run_block(blocks[-1], per_block[-1]).args
-    weights = []
-    for i, (block, linears) in enumerate(zip(blocks, block_linears(src))):
-        modules = dict(linears)
-        stats = input_stats(block, modules, per_block[i])
-        reference = calibration.run_block(block, per_block[i]).args
-        saved = {k: (m.weight.detach().clone(), None if m.bias is None else m.bias.detach().clone()) for k, m in linears}
-        for k, m in linears:
-            put(m, encode(m, PROBE, stats[k], recipe))
-        own = output_errors(block, per_block[i], reference)[0]
-        x = calibration.run_block(block, per_block[i])
-        for later in blocks[i + 1:]:
-            x = calibration.run_block(later, x)
-        num = sum(float((a[0] - b[0]).to(torch.float64).square().sum()) for a, b in zip(x.args, final))
-        den = sum(float(b[0].to(torch.float64).square().sum()) for b in final)
-        for k, m in linears:
-            _restore(m, saved[k])
-        weights.append((num / max(den, 1e-30)) / max(own, 1e-30))
-    return weights
-
-
 def _restore(module: torch.nn.Linear, saved) -> None:
     with torch.no_grad():
         module.weight.copy_(saved[0])
@@ -195,6 +157,13 @@ def quantize_pass(src: arch.Source, choice: dict[str, QParams], data, recipe: Re
     with its chosen QParams and put in place (the pipeline's quantization pass). Returns the
     stored bits of the block linears, biases included (as the pipeline's budget counts them)."""
     bits = 0
+    if not recipe.gptq:  # round-to-nearest needs no calibration inputs
+        for linears in block_linears(src):
+            for key, module in linears:
+                qm = encode(module, choice[key], None, recipe)
+                bits += qm.storage_bits()
+                put(module, qm)
+        return bits
     inputs = calibration.first_block_inputs(src.model, src.blocks[0][1], data, **_model_kwargs(src))
     for (prefix, block), linears in zip(src.blocks, block_linears(src)):
         stats = input_stats(block, dict(linears), inputs)
@@ -232,11 +201,6 @@ class Converter:
         data = self.data(src, recipe, recipe.rows)
         if recipe.measure == "linear":
             m = {"errors": measure_linears(src, data, recipe)}
-            if recipe.objective == "final":
-                weights = final_output_weights(src, data, recipe)
-                m["block_weights"] = weights
-                m["errors"] = {k: [e * weights[b] for e in errs] for b, linears in enumerate(block_linears(src))
-                               for k, errs in m["errors"].items() if k in dict(linears)}
         elif recipe.measure == "slot":
             from .slots import measure_slots
 
