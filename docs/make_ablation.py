@@ -3,6 +3,7 @@
     flock /tmp/exl2-heavy.lock python docs/make_ablation.py     (about 40 minutes on 2 CPU cores)
     python docs/make_ablation.py --quick OUT_DIR   (a check of the script: the llama only,
                                                    annealing cut short; writes to OUT_DIR)
+    python docs/make_ablation.py --assemble      (no computing: the tables from the parts' rows)
     python docs/make_ablation.py --only MODEL:SECTION,...   (those rows only, kept in
         docs/results/ablation.partial.*.json; a later run without --only takes them over, so
         parts can run side by side: sections uniform, main_pipeline, steps, pipeline, slots,
@@ -239,11 +240,20 @@ def slot_rows(models: list[Model], anneal_kw: dict) -> None:
                           slot_rse=_slot_sum(m, exact_choice), slot_max=_slot_max(m, exact_choice))
 
 
+def _table_rank(row: dict) -> int:
+    """Where a row goes in the table: uniform, main's pipeline, steps, the shipped pipeline, slots, variants."""
+    if row["section"] == "pipeline":
+        return 1 if row["key"] == "main_pipeline" else 3
+    return {"uniform": 0, "steps": 2, "slots": 4, "variants": 5}[row["section"]]
+
+
 def allocation_summary(model: Model) -> dict:
     """Per target, the measured objective (sum of relative squared block-output errors) of
     exllamav2's slot choice and of the exact one, and how much lower the exact one is."""
     out = {}
     for t in model.targets:
+        if not any(r["key"] == "exllamav2" and r["target"] == t for r in model.rows):
+            continue
         a, b = (next(r for r in model.rows if (r["key"], r["target"]) == (k, t)) for k in ("exllamav2", "exact_slots"))
         out[_tkey(t)] = {"annealed_rse": a["slot_rse"], "exact_rse": b["slot_rse"],
                          "reduction_pct": 100 * (1 - b["slot_rse"] / a["slot_rse"])}
@@ -360,7 +370,8 @@ def markdown(models: list[Model]) -> str:
                   "|---|---:|---:|" + "---:|" * len(metrics) + "---:|"]
         for r in model.rows:
             target = f"{r['target']:g}" if r["target"] is not None else ""
-            lines.append(f"| {r['label']} | {target} | {r['bpw']:.3f} | "
+            label = r["label"].replace("|", "\\|")
+            lines.append(f"| {label} | {target} | {r['bpw']:.3f} | "
                          + " | ".join(f"{r[k]:.4f}" if k.startswith("cos") else f"{r[k]:.2e}" for k in metrics)
                          + f" | {r['seconds']:.0f} |")
         lines.append("")
@@ -405,6 +416,10 @@ def main(argv: list[str]) -> None:
         if only:
             name, sections = only.split(":")
             want = {m.name: (set(sections.split(",")) if m.name == name else set()) for m in models}
+        if "--assemble" in argv:
+            for model in models:
+                model.rows = sorted(model.saved, key=_table_rank)
+            want = {m.name: set() for m in models}
         for model in models:
             if "uniform" in want[model.name]:
                 uniform_rows(model)
@@ -422,10 +437,12 @@ def main(argv: list[str]) -> None:
         return
     result = {m.name.lower(): {"rows": summary(m), "allocation": allocation_summary(m)} for m in models}
     first = result[models[0].name.lower()]["rows"]
-    result["time_ratio_4"] = first["pipeline_b4"]["seconds"] / first["main_pipeline_b4"]["seconds"]
+    if "pipeline_b4" in first and "main_pipeline_b4" in first:
+        result["time_ratio_4"] = first["pipeline_b4"]["seconds"] / first["main_pipeline_b4"]["seconds"]
     (results / "ablation.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
     (results / "ablation.md").write_text(markdown(models), encoding="utf-8")
-    pictures(models[0], results)
+    if any(r["key"] == "pipeline" for r in models[0].rows):
+        pictures(models[0], results)
     for f in results.glob("ablation.partial.*.json"):
         f.unlink()
     print(markdown(models))
