@@ -5,7 +5,7 @@
                                                    annealing cut short; writes to OUT_DIR)
     python docs/make_ablation.py --assemble      (no computing: the tables from the parts' rows)
     python docs/make_ablation.py --only MODEL:SECTION,...   (those rows only, kept in
-        docs/results/ablation.partial.*.json; a later run without --only takes them over, so
+        docs/results/ablation.partial.*.json, git-ignored; a later run without --only takes them over, so
         parts can run side by side: sections uniform, main_pipeline, steps, pipeline, slots,
         variants)
 
@@ -443,8 +443,6 @@ def main(argv: list[str]) -> None:
     (results / "ablation.md").write_text(markdown(models), encoding="utf-8")
     if any(r["key"] == "pipeline" for r in models[0].rows):
         pictures(models[0], results)
-    for f in results.glob("ablation.partial.*.json"):
-        f.unlink()
     print(markdown(models))
 
 
