@@ -1,6 +1,6 @@
 """The ablation table: what each technique of the encoder is worth, every row measured in one run.
 
-    flock /tmp/exl2-heavy.lock python docs/make_ablation.py     (about 40 minutes on 2 CPU cores)
+    flock /tmp/exl2-heavy.lock python docs/make_ablation.py     (everything, in one process)
     python docs/make_ablation.py --quick OUT_DIR   (a check of the script: the llama only,
                                                    annealing cut short; writes to OUT_DIR)
     python docs/make_ablation.py --assemble      (no computing: the tables from the parts' rows)
