@@ -20,11 +20,14 @@ from . import exllamav2_emulation as ex
 from .tiny_models import small_options, write_model
 
 
-def test_biased_layer_of_80_columns_is_written_as_exllamav2_loads_it(tmp_path):
-    """Qwen2 with head_dim 40: k_proj and v_proj have 80 output features, q_weight 96 columns."""
+@pytest.mark.parametrize("centered", [False, True])
+def test_biased_layer_of_80_columns_is_written_as_exllamav2_loads_it(tmp_path, centered):
+    """Qwen2 with head_dim 40: k_proj and v_proj have 80 output features, q_weight 96 columns.
+    Centered, the bias is corrected (exl2.model.centering) and its padding must stay zero."""
     src = write_model(tmp_path / "src", "qwen2", num_attention_heads=4, num_key_value_heads=2, head_dim=40)
     out = tmp_path / "out"
-    quantize_model(Settings(src=str(src), out=out, bpw=4.0, rows=2, length=32, options=small_options()))
+    quantize_model(Settings(src=str(src), out=out, bpw=4.0, rows=2, length=32, options=small_options(),
+                            centered=centered, quant_rows=None))
     model, source = open_model(out), open_model(src)
     checked = 0
     for key in model.layer_keys():
@@ -35,7 +38,11 @@ def test_biased_layer_of_80_columns_is_written_as_exllamav2_loads_it(tmp_path):
         # exllamav2_ext/ext_qmatrix.cpp make_q_matrix: TORCH_CHECK_SHAPES(q_weight, 1, bias, 0, 1)
         assert w["bias"].shape[0] == w["q_weight"].shape[1], key
         n = source[key + ".bias"].numel()
-        assert np.array_equal(w["bias"][:n], source[key + ".bias"].to(torch.float16).numpy())
+        if not centered:
+            assert np.array_equal(w["bias"][:n], source[key + ".bias"].to(torch.float16).numpy())
+        else:
+            assert np.isfinite(w["bias"]).all() and not np.array_equal(w["bias"][:n], source[key + ".bias"].to(
+                torch.float16).numpy())
         assert not w["bias"][n:].any()
         # and the group map exllamav2 builds covers exactly the layer's rows
         assert ex.make_q_matrix(w).height == source[key + ".weight"].shape[1]

@@ -21,6 +21,20 @@ def test_readme_quotes_sources():
     assert figures.INLINE.search(text) or figures.BLOCK.search(text)
 
 
+def test_every_measured_bullet_of_the_readme_quotes_a_source():
+    """A bullet of README's "Measured" section that states a number carries a figure marker."""
+    import re
+
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = text.split("## Measured", 1)[1].split("\n## ", 1)[0]
+    bullets = [b for b in re.split(r"\n(?=- )", section) if b.startswith("- ")]
+    assert len(bullets) >= 5
+    number = re.compile(r"(?<![\w.])\d[\d.,]*(?!\w)")
+    for bullet in bullets:
+        if number.search(re.sub(r"`[^`]*`|\([^)]*\)", "", bullet)):
+            assert figures.INLINE.search(bullet), bullet[:80]
+
+
 def _tree(tmp_path: Path, doc: str, data: dict, table: str = "| a |\n") -> Path:
     (tmp_path / "docs" / "results").mkdir(parents=True)
     (tmp_path / "docs" / "results" / "r.json").write_text(json.dumps(data))

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import typer
 
-from ..errors import Exl2Error
+from ..errors import Exl2Error, printable
 from . import app
+from .common import json_text
 from .run_options import device_of, dtype_of, quiet_transformers, steps
 
 
@@ -44,7 +45,7 @@ def eval_cmd(
         try:
             content = text.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
-            print(f"exl2: error: {text}: cannot be read as UTF-8 text ({type(e).__name__})", file=sys.stderr)
+            print(printable(f"exl2: error: {text}: cannot be read as UTF-8 text ({type(e).__name__})"), file=sys.stderr)
             raise typer.Exit(2) from None
     try:
         report = evaluate(model, source=source, text=content, length=length, max_windows=max_windows,
@@ -54,7 +55,7 @@ def eval_cmd(
     if text is not None:
         report.text = str(text)
     if as_json:
-        print(report.model_dump_json(indent=2))
+        print(json_text(report.model_dump(mode="json")))
         return
     lines = [f"{report.kind} {report.model}: {report.tokens} tokens in {report.windows} window(s) of {report.text}"]
     if report.perplexity is not None:
@@ -64,4 +65,4 @@ def eval_cmd(
                      f"{report.kl_mean:.6f}, max {report.kl_max:.6f}; top-1 agreement {report.top1_agreement:.4f}")
     if report.cosine_mean is not None:
         lines.append(f"embedding cosine mean {report.cosine_mean:.4f}, min {report.cosine_min:.4f}")
-    print("\n".join(lines))
+    print("\n".join(printable(line) for line in lines))

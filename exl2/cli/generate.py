@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from ..errors import Exl2Error
+from ..errors import Exl2Error, printable
 from . import app
 from .run_options import device_of, dtype_of, quiet_transformers
 
@@ -38,7 +38,7 @@ def generate_cmd(
         raise typer.Exit(2)
     try:
         if not is_causal(model):
-            print(f"exl2: error: {model}: config.json names no causal LM (…ForCausalLM); generate needs one",
+            print(printable(f"exl2: error: {model}: config.json names no causal LM (…ForCausalLM); generate needs one"),
                   file=sys.stderr)
             raise typer.Exit(2)
         m = load(model, device=device_of(device), dtype=dtype_of(dtype), decoded_cache=decoded_cache)

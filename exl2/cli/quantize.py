@@ -60,7 +60,7 @@ def quantize_cmd(
     calibration: Path = typer.Option(None, "--calibration", help="calibration text file, UTF-8 (default: shipped corpus)"),
     measurement: Path = typer.Option(None, "--measurement", help="reuse a measurement.json (skips measuring)"),
     device: str = typer.Option("auto", "--device", help="auto (cuda when there is a GPU), cpu, cuda or cuda:N"),
-    rows: int = typer.Option(16, "--rows", help="calibration rows", min=1),
+    rows: int = typer.Option(32, "--rows", help="calibration rows for the measurement", min=1),
     length: int = typer.Option(128, "--length", help="tokens per calibration row", min=8),
     loader: str = typer.Option("stream", "--loader", help="stream: one block at a time from disk; eager: the whole "
                                "model through transformers (for checkpoints whose names the streaming loader cannot map)"),

@@ -42,12 +42,21 @@ def read_text(path: Path | None) -> str:
         raise ContainerError(f"cannot be read ({e.strerror})", file=str(path)) from None
 
 
-def batches(tokenizer, text: str, rows: int, length: int, device: str = "cpu",
-            where: str = "calibration text") -> list[dict[str, torch.Tensor]]:
-    """``rows`` sequences of ``length`` tokens cut from ``text`` (repeated as needed), one per batch."""
+def batches(tokenizer, text: str, rows: int, length: int, device: str = "cpu", where: str = "calibration text",
+            layout: str = "stream") -> list[dict[str, torch.Tensor]]:
+    """Calibration rows, one per batch. ``layout="stream"``: ``rows`` sequences of ``length``
+    tokens cut from ``text`` as one token stream (repeated as needed), no special tokens.
+    ``layout="documents"``: one row per paragraph (line) of ``text``, framed as the model sees
+    its inputs (the tokenizer's special tokens: BERT's [CLS] ... [SEP], a llama's BOS), a
+    paragraph longer than ``length`` tokens split over several rows; rows repeat from the first
+    when ``rows`` outnumbers them. ``where`` names the text in errors."""
     if rows * length > MAX_TOKENS:
         raise ContainerError(f"{rows} rows x {length} tokens is more than the {MAX_TOKENS:,} calibration tokens "
                              f"accepted", file=where)
+    if layout == "documents":
+        return _document_rows(tokenizer, text, rows, length, device, where)
+    if layout != "stream":
+        raise ValueError(f"unknown calibration layout {layout!r} (stream or documents)")
     ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
     if len(ids) < 8:
         raise ContainerError(f"is too short: {len(ids)} tokens, at least 8 needed", file=where)
@@ -55,6 +64,40 @@ def batches(tokenizer, text: str, rows: int, length: int, device: str = "cpu",
     ids = (ids * (need // len(ids) + 1))[:need]
     t = torch.tensor(ids, dtype=torch.long, device=device).view(rows, length)
     return [{"input_ids": t[i:i + 1], "attention_mask": torch.ones_like(t[i:i + 1])} for i in range(rows)]
+
+
+def _special_frame(tokenizer) -> tuple[list[int], list[int]]:
+    """The tokens the tokenizer puts before and after a text (BERT: [CLS] / [SEP]; llama: BOS)."""
+    plain = tokenizer("calibration", add_special_tokens=False, verbose=False)["input_ids"]
+    full = tokenizer("calibration", add_special_tokens=True, verbose=False)["input_ids"]
+    for k in range(len(full) - len(plain) + 1):
+        if full[k:k + len(plain)] == plain:
+            return full[:k], full[k + len(plain):]
+    return [], []
+
+
+def _document_rows(tokenizer, text: str, rows: int, length: int, device: str,
+                   where: str) -> list[dict[str, torch.Tensor]]:
+    """Each paragraph in pieces of at most ``length`` tokens, special tokens included (a long
+    paragraph gives several rows, so no text is cut away); the first ``rows`` pieces, cycling."""
+    prefix, suffix = _special_frame(tokenizer)
+    specials = len(prefix) + len(suffix)
+    if length <= specials:
+        raise ContainerError(f"rows of {length} tokens leave no room for text between the {specials} special "
+                             f"tokens of each row (raise --length)", file=where)
+    pieces = []
+    for p in (p.strip() for p in text.split("\n")):
+        ids = tokenizer(p, add_special_tokens=False, verbose=False)["input_ids"] if p else []
+        step = length - specials
+        pieces += [prefix + ids[i:i + step] + suffix for i in range(0, len(ids), step)]
+    tokens = sum(len(x) - specials for x in pieces)
+    if tokens < 8:
+        raise ContainerError(f"is too short: {tokens} tokens, at least 8 needed", file=where)
+    out = []
+    for i in range(rows):
+        t = torch.tensor([pieces[i % len(pieces)]], dtype=torch.long, device=device)
+        out.append({"input_ids": t, "attention_mask": torch.ones_like(t)})
+    return out
 
 
 class _Stop(Exception):
@@ -74,12 +117,20 @@ class BlockInputs:
         return sum(a[0].numel() * a[0].element_size() for a in self.args)
 
 
+def _is_cache(value: object) -> bool:
+    """Whether ``value`` is a transformers key/value cache (``Cache``: update, get_seq_length)."""
+    return callable(getattr(value, "update", None)) and callable(getattr(value, "get_seq_length", None))
+
+
 def first_block_inputs(model: nn.Module, block: nn.Module, data: list[dict], **model_kwargs) -> BlockInputs:
     captured = BlockInputs([], [])
 
     def hook(_module, args, kwargs):
         captured.args.append(args)
-        captured.kwargs.append(kwargs)
+        # A key/value cache (transformers makes one per forward when use_cache is on, e.g. for a
+        # config.json without "architectures") would grow by every block's keys and values for
+        # every batch kept: memory growing with the number of blocks. No block needs it.
+        captured.kwargs.append({k: None if _is_cache(v) else v for k, v in kwargs.items()})
         raise _Stop
 
     handle = block.register_forward_pre_hook(hook, with_kwargs=True)
@@ -137,20 +188,23 @@ class _HessianSum:
 
     def __init__(self) -> None:
         self.total: torch.Tensor | None = None
+        self.sum: torch.Tensor | None = None  #: sum of the rows, for their mean (exl2.model.centering)
         self.count = 0
 
     def __call__(self, _module, args) -> None:
         x = args[0].reshape(-1, args[0].shape[-1]).to(torch.float32)
         if self.total is None:
             self.total = torch.zeros(x.shape[1], x.shape[1], device=x.device)
+            self.sum = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
         self.total.addmm_(x.T, x)
+        self.sum += x.sum(0).to(torch.float64)
         self.count += x.shape[0]
         raise _Stop
 
 
-def _hessian(module: nn.Module, calls) -> torch.Tensor:
-    """Mean of ``X^T X`` over every calibration row reaching ``module`` (``AdaptiveGPTQ.add_batch``)
-    while each of ``calls`` runs."""
+def _moments(module: nn.Module, calls) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(E[x x^T], E[x])`` over every calibration row reaching ``module`` while each of ``calls``
+    runs: the Hessian of ``AdaptiveGPTQ.add_batch`` and the mean input (:mod:`exl2.model.centering`)."""
     acc = _HessianSum()
     handle = module.register_forward_pre_hook(acc)
     try:
@@ -164,12 +218,24 @@ def _hessian(module: nn.Module, calls) -> torch.Tensor:
         handle.remove()
     if acc.total is None:
         raise ValueError("no calibration input reached the layer")
-    return acc.total / max(1, acc.count)
+    n = max(1, acc.count)
+    return acc.total / n, (acc.sum / n).to(torch.float32)
+
+
+def _hessian(module: nn.Module, calls) -> torch.Tensor:
+    """Mean of ``X^T X`` over every calibration row reaching ``module`` while each of ``calls`` runs."""
+    return _moments(module, calls)[0]
+
+
+def group_moments(block: nn.Module, module: nn.Linear, inputs: BlockInputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(E[x x^T], E[x])`` of the input of ``module`` (and of every linear reading the same
+    tensor) in ``block``."""
+    return _moments(module, (lambda a=a, k=k: block(*a, **k) for a, k in zip(inputs.args, inputs.kwargs)))
 
 
 def group_hessian(block: nn.Module, module: nn.Linear, inputs: BlockInputs) -> torch.Tensor:
     """The Hessian of ``module`` (and of every linear reading the same tensor) in ``block``."""
-    return _hessian(module, (lambda a=a, k=k: block(*a, **k) for a, k in zip(inputs.args, inputs.kwargs)))
+    return group_moments(block, module, inputs)[0]
 
 
 class _Replay(nn.Module):

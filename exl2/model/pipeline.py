@@ -47,7 +47,7 @@ from ..format import padded_columns, row_granule
 from ..io import atomic_path, open_model
 from ..qmatrix import QMatrix
 from ..qparams import QParams
-from . import arch, calibration, memory, output
+from . import arch, calibration, centering, memory, output
 from .allocate import allocate
 from .job import Job
 from .options import HEAD_OPTIONS, OPTIONS, head_option
@@ -64,8 +64,11 @@ class Settings:
     bpw: float
     head_bits: int = 6
     calibration: Path | None = None
-    rows: int = 16
+    rows: int = 32
     length: int = 128
+    layout: str = "documents"  #: calibration.batches: "stream" or "documents"
+    quant_rows: int | None = 128  #: rows for the quantization pass (None: ``rows``)
+    centered: bool = True  #: centering.encode: GPTQ on the input covariance, bias corrected
     measurement: Path | None = None
     device: str = "cpu"
     shard_bytes: int = SHARD_BYTES
@@ -156,9 +159,13 @@ def quantize_model(s: Settings, progress=None, log: Callable[[str], None] = lamb
         plan = _plan(s, src, text, log)
         params = {"source": str(src.path), "options": [o.desc() for o in s.options], "bpw": s.bpw,
                   "head_bits": s.head_bits,
-                  "calibration": {"rows": s.rows, "length": s.length, "sha256": hashlib.sha256(text.encode()).hexdigest()}}
-        data = calibration.batches(src.tokenizer, text, s.rows, s.length, s.device,
-                                   where=str(s.calibration or "the default calibration text"))
+                  "calibration": {"rows": s.rows, "length": s.length, "layout": s.layout, "quant_rows": s.quant_rows,
+                                  "centered": s.centered, "sha256": hashlib.sha256(text.encode()).hexdigest()}}
+        where = str(s.calibration or "the default calibration text")
+        data = calibration.batches(src.tokenizer, text, s.rows, s.length, s.device, where, layout=s.layout)
+        quant_rows = _quant_rows(s)
+        quant_data = data if quant_rows == s.rows else \
+            calibration.batches(src.tokenizer, text, quant_rows, s.length, s.device, where, layout=s.layout)
         given = load_measurement(s, plan.layers) if s.measurement is not None else None
         job = _job(s.out, params)
         encode = _encoder(s.device)
@@ -166,7 +173,7 @@ def quantize_model(s: Settings, progress=None, log: Callable[[str], None] = lamb
         choice, alloc = allocate_bits(plan, m, s.bpw)
         log(f"allocation: {alloc.total_bits / plan.numel:.4f} bpw, error {alloc.objective:.5g} "
             f"(certified gap {alloc.gap:.2g})")
-        quantize_pass(s, src, plan.layers, choice, data, job, encode, progress)
+        quantize_pass(s, src, plan.layers, choice, quant_data, job, encode, progress)
         summary = write_output(s, src, plan.layers, job, m, log)
     summary.update(allocation={"objective": alloc.objective, "bound": alloc.bound,
                                "choice": {k: s.options[j].desc() for k, j in choice.items()}})
@@ -213,8 +220,13 @@ def _plan(s: Settings, src: Source, text: str, log: Callable[[str], None]) -> Pl
     if free < 2 * estimate:
         raise ContainerError(f"not enough disk: about {2 * estimate / 1e9:.1f} GB needed, {free / 1e9:.1f} GB free",
                              file=str(s.out))
-    log(memory_estimate(src, s.rows * s.length, s.device).line())
+    log(memory_estimate(src, _quant_rows(s) * s.length, s.device).line())
     return Plan(layers, costs, numel, text)
+
+
+def _quant_rows(s: Settings) -> int:
+    """Rows of the quantization pass: ``quant_rows``, never fewer than the measurement's."""
+    return max(s.quant_rows or s.rows, s.rows)
 
 
 def memory_estimate(src: Source, tokens: int, device: str) -> memory.Estimate:
@@ -249,20 +261,21 @@ def _model_kwargs(src: Source) -> dict:
 
 
 class _Hessians:
-    """The Hessians of one block, one per group of linears reading the same input, each computed
-    when first asked for and dropped after its group's last linear."""
+    """The input moments (Hessian and mean) of one block, one per group of linears reading the
+    same input, each computed when first asked for and dropped after its group's last linear."""
 
     def __init__(self, block, layers: list[Layer], inputs: calibration.BlockInputs) -> None:
         self.block, self.inputs = block, inputs
         modules = {layer.key: layer.module for layer in layers}
         self.modules = modules
         self.group = {k: tuple(g) for g in calibration.input_groups(block, modules, inputs) for k in g}
-        self.cache: dict[tuple[str, ...], torch.Tensor] = {}
+        self.cache: dict[tuple[str, ...], centering.LinearStats] = {}
 
-    def get(self, key: str) -> torch.Tensor:
+    def get(self, key: str) -> centering.LinearStats:
+        """The input moments of ``key``'s group: the Hessian ``E[x x^T]`` and the mean ``E[x]``."""
         g = self.group[key]
         if g not in self.cache:
-            self.cache[g] = calibration.group_hessian(self.block, self.modules[g[0]], self.inputs)
+            self.cache[g] = centering.LinearStats(*calibration.group_moments(self.block, self.modules[g[0]], self.inputs))
         return self.cache[g]
 
     def done(self, key: str, remaining: set[str]) -> None:
@@ -276,6 +289,15 @@ def _encode(encode: Callable, key: str, where: Path, weight: torch.Tensor, optio
         return encode(weight, option, hessian, bias=bias)
     except ValueError as e:
         raise ContainerError(f"cannot be quantized: {e}", file=str(where), tensor=f"{key}.weight") from None
+
+
+def _encode_centered(s: Settings, encode: Callable, key: str, where: Path, weight: torch.Tensor, option: QParams,
+                     stats: centering.LinearStats, bias) -> QMatrix:
+    """GPTQ as :func:`centering.encode` does it: a layer with a bias on its input covariance, the
+    bias corrected (with ``s.centered``); otherwise on the Hessian."""
+    def encoder(w, o, h, bias=None):
+        return _encode(encode, key, where, w, o, h, bias)
+    return centering.encode(encoder, weight, option, stats, bias, centered=s.centered)
 
 
 def measure(s: Settings, src: Source, plan: Plan, data, job: Job, encode: Callable, progress) -> dict:
@@ -305,13 +327,15 @@ def _measure_block(s, src, block, layers: list[Layer], plan: Plan, inputs, m: di
     for layer in layers:
         if layer.key not in remaining:
             continue
-        h = hessians.get(layer.key)
+        stats = hessians.get(layer.key)
         module = layer.module
         w = module.weight.detach().clone()
         b = None if module.bias is None else module.bias.detach().clone()
         errors: list[float | None] = [None] * len(s.options)
         for j in layer.fits:
-            qm = _encode(encode, layer.key, src.path, w.to(torch.float32), s.options[j], h)
+            # without centering the bias stays as it is while measuring; with it, the corrected
+            # bias is part of what is measured (exl2.model.centering)
+            qm = _encode_centered(s, encode, layer.key, src.path, w, s.options[j], stats, b if s.centered else None)
             _apply(module, qm)
             errors[j] = _output_error(block, inputs, reference)
         with torch.no_grad():  # the next layer is measured with this one as it was
@@ -422,8 +446,8 @@ def _quantize_block(s, src, block, layers: list[Layer], choice, inputs, job: Job
         remaining = {layer.key for layer in todo}
         for layer in todo:
             w = layer.module.weight.detach().to(torch.float32)
-            qm = _encode(encode, layer.key, src.path, w, s.options[choice[layer.key]], hessians.get(layer.key),
-                         layer.module.bias)
+            qm = _encode_centered(s, encode, layer.key, src.path, w, s.options[choice[layer.key]],
+                                  hessians.get(layer.key), layer.module.bias)
             done[layer.key] = qm
             job.save_layer(layer.key, done[layer.key])
             remaining.discard(layer.key)

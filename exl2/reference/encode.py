@@ -56,13 +56,14 @@ def _multipliers(device: torch.device) -> torch.Tensor:
     return P_MIN * (1 - pi) + P_MAX * pi
 
 
-def find_scales(w: torch.Tensor, bits: int) -> GroupScales:
+def find_scales(w: torch.Tensor, bits: int, err_norm: float = ERR_NORM) -> GroupScales:
     """Scale search for one group ``w`` ``[rows, N]`` float32 (spec 7.2; ``find_params``).
 
     Per column the ideal scale ``base = (max|w| + 1e-12) / (maxq / 2)``; its ratio to the group's
     largest is coded in 4 bits as ``qs = clamp(round(sqrt(base / smax) * 16), 1, 16)``; then one
     multiplier ``p`` for the whole group is chosen from the grid to minimise
-    ``sum |clamp(rint(w / s), -z, maxq - z) * s - w| ^ 3.5`` with ``s = (qs / 16)^2 * smax * p``.
+    ``sum |clamp(rint(w / s), -z, maxq - z) * s - w| ^ 3.5`` with ``s = (qs / 16)^2 * smax * p``
+    (``err_norm`` replaces 3.5 for experiments).
     """
     maxq = (1 << bits) - 1
     z = zero_point(bits)
@@ -78,7 +79,7 @@ def find_scales(w: torch.Tensor, bits: int) -> GroupScales:
     for ps in grid.split(chunk):
         s = trial[None, None, :] * ps[:, None, None]
         q = torch.clamp(torch.round(w[None] / s), -z, maxq - z)
-        errors.append(((q * s - w[None]).abs() ** ERR_NORM).sum(dim=(1, 2)))
+        errors.append(((q * s - w[None]).abs() ** err_norm).sum(dim=(1, 2)))
     best = torch.argmin(torch.cat(errors))  # first of equal minima
     frac = best.to(torch.float32) / P_GRID
     p = P_MAX * frac + P_MIN * (1 - frac)
@@ -100,10 +101,10 @@ def encode_rows(w: torch.Tensor, scale: torch.Tensor, bits: int) -> tuple[torch.
     return q.to(torch.int64), value
 
 
-def _inverse_hessian_factor(h: torch.Tensor) -> torch.Tensor:
+def _inverse_hessian_factor(h: torch.Tensor, percdamp: float = PERCDAMP) -> torch.Tensor:
     """Upper Cholesky factor of the damped inverse Hessian (``AdaptiveGPTQ.prepare``)."""
     h = h.clone()
-    damp = torch.clamp(PERCDAMP * torch.diagonal(h).mean(), min=1e-5)
+    damp = torch.clamp(percdamp * torch.diagonal(h).mean(), min=1e-5)
     for _ in range(10):
         h.diagonal().add_(damp)
         chol, info = torch.linalg.cholesky_ex(h)
@@ -134,14 +135,16 @@ def gptq_group(w: torch.Tensor, u: torch.Tensor, scale: torch.Tensor, bits: int,
 
 def quantize(weight: torch.Tensor, qparams: QParams, hessian: torch.Tensor | None = None,
              bias: torch.Tensor | None = None, *, encode: Callable = encode_rows,
-             pack_group: Callable = pack_codes, group_loop: Callable | None = None) -> QMatrix:
+             pack_group: Callable = pack_codes, group_loop: Callable | None = None,
+             percdamp: float = PERCDAMP, err_norm: float = ERR_NORM) -> QMatrix:
     """Encode ``weight`` (``[out_features, in_features]``, any float dtype) to a QMatrix.
 
     Without ``hessian``: round-to-nearest per group, rows in their original order. With
     ``hessian`` (``[in_features, in_features]``, the mean of ``X^T X`` over calibration inputs):
     act-order and GPTQ's error feedback. ``encode`` (as :func:`encode_rows`), ``pack_group``
     (as :func:`pack_codes`) and ``group_loop`` (as :func:`gptq_group`) let another engine
-    (``exl2.fast``) run the same algorithm on its own kernels."""
+    (``exl2.fast``) run the same algorithm on its own kernels. ``percdamp`` (GPTQ damping) and
+    ``err_norm`` (the scale search's error norm) default to exllamav2's values."""
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D, has shape {list(weight.shape)}")
     out_features, in_features = weight.shape
@@ -157,7 +160,7 @@ def quantize(weight: torch.Tensor, qparams: QParams, hessian: torch.Tensor | Non
             raise ValueError(f"hessian must be [{in_features}, {in_features}], has {list(hessian.shape)}")
         h = hessian.detach().to(device=w.device, dtype=torch.float32)
         perm = torch.argsort(torch.diagonal(h), descending=True, stable=True)
-        u = _inverse_hessian_factor(h[perm][:, perm])
+        u = _inverse_hessian_factor(h[perm][:, perm], percdamp)
     w = w[perm]
 
     plan = qparams.plan(in_features)
@@ -165,7 +168,7 @@ def quantize(weight: torch.Tensor, qparams: QParams, hessian: torch.Tensor | Non
     scale_codes, scale_maxes = [], []
     for bits, a, n in plan.groups:
         b = a + n
-        found = find_scales(w[a:b], bits)
+        found = find_scales(w[a:b], bits, err_norm)
         scale_codes.append(found.codes)
         scale_maxes.append(found.scale_max)
         if u is None:
