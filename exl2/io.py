@@ -200,7 +200,9 @@ class Model(Mapping[str, torch.Tensor]):
 
     def qmatrix(self, key: str) -> QMatrix:
         """The layer ``key`` as a QMatrix; errors name the file and tensor."""
-        file = str(self.tensors[key + ".q_weight"].file) if key + ".q_weight" in self.tensors else str(self.path)
+        # the file of the layer's q_weight, else of any of its tensors (a layer may lack q_weight)
+        names = [key + ".q_weight"] + self.layer_tensor_names(key)
+        file = next((str(self.tensors[n].file) for n in names if n in self.tensors), str(self.path))
         try:
             return QMatrix.from_tensors(self, key)
         except Exl2Error as e:

@@ -158,6 +158,7 @@ def layer_without(folder: Path, name: str | None = None, reshape: tuple[int, ...
 
 @pytest.mark.parametrize("change,tensor,code", [
     (("q_invperm", None), "q_invperm", "EXL2-T001"),
+    (("q_weight", None), "q_weight", "EXL2-T001"),  # the fuzzer's case: a layer known by its other tensors
     (("q_scale", None), "q_scale", "EXL2-T001"),
     (("q_weight", (-1,)), "q_weight", "EXL2-T003"),
     (("q_weight", (1, 14, 96)), "q_weight", "EXL2-T003"),

@@ -55,9 +55,11 @@ def plan_entries(model: Model) -> list[tuple[str, torch.dtype, tuple[int, ...]]]
     for key in model.layer_keys():
         names = model.layer_tensor_names(key)
         layer_names.update(n for n in names if n != key + ".bias")
-        qw, inv = model.tensors[key + ".q_weight"], model.tensors.get(key + ".q_invperm")
-        if inv is None:
-            raise FormatError("is missing [EXL2-T001]", file=str(qw.file), tensor=key + ".q_invperm")
+        qw, inv = model.tensors.get(key + ".q_weight"), model.tensors.get(key + ".q_invperm")
+        if qw is None or inv is None:  # a layer is known by any of its tensors (exl2.layer_rules.layer_keys)
+            present = model.tensors[names[0]]
+            raise FormatError("is missing [EXL2-T001]", file=str(present.file),
+                              tensor=key + (".q_weight" if qw is None else ".q_invperm"))
         if len(qw.shape) != 2:
             raise FormatError(f"has shape {list(qw.shape)}, expected 2 dimensions [EXL2-T003]", file=str(qw.file),
                               tensor=key + ".q_weight")
