@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from exl2 import QParams
 from exl2.model.options import head_option

@@ -30,7 +30,6 @@ Interrupted runs resume from ``OUT.partial`` (:mod:`exl2.model.job`).
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import math
@@ -42,7 +41,7 @@ from pathlib import Path
 import torch
 
 from .. import __version__
-from ..errors import ContainerError, Exl2Error, FormatError, UsageError
+from ..errors import ContainerError, FormatError, UsageError
 from ..format import padded_columns, row_granule
 from ..io import atomic_path, open_model
 from ..qmatrix import QMatrix

@@ -16,8 +16,6 @@ measures the attention slot on the attention module's output (residual included)
 
 from __future__ import annotations
 
-import torch
-
 from ..qparams import QParams
 from . import calibration
 from .variants import Recipe, _model_kwargs, _restore, block_linears, encode, input_stats, output_errors, put

@@ -30,6 +30,7 @@ from torch import nn
 
 from ..errors import ContainerError
 from ..io import DTYPES, open_model
+from ..meta import params_on_meta
 from . import arch
 
 #: A weight as the model expects it: float32 (the math of calibration and GPTQ is float32).
@@ -140,7 +141,7 @@ class StreamingSource(Source):
             import transformers
 
             hf_config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
-            with _parameters_on_meta():
+            with params_on_meta():
                 self.model = loader.from_config(hf_config, dtype=WORK_DTYPE)
             self.tokenizer = arch.tokenizer(path)
         self.model.eval()
@@ -296,25 +297,6 @@ def _candidates(name: str, prefix: str) -> list[str]:
             if n.endswith(new):
                 names.append(n[: -len(new)] + old)
     return names
-
-
-@contextlib.contextmanager
-def _parameters_on_meta() -> Iterator[None]:
-    """Modules built inside get their parameters on the meta device (no memory, no init cost);
-    buffers are created for real, so computed ones (rotary frequencies) hold their true values."""
-    register = nn.Module.register_parameter
-
-    def on_meta(module: nn.Module, name: str, param) -> None:
-        register(module, name, param)
-        if param is not None:
-            p = module._parameters[name]
-            module._parameters[name] = nn.Parameter(p.to("meta"), requires_grad=p.requires_grad)
-
-    nn.Module.register_parameter = on_meta
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = register
 
 
 def open_source(src: str, device: str = "cpu", streaming: bool = True) -> Source:

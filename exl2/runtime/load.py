@@ -20,10 +20,8 @@ about the folder's tensors plus one tensor.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -32,6 +30,7 @@ from torch import nn
 from ..errors import ContainerError, Exl2Error, FormatError
 from ..format import padded_columns
 from ..io import Model, config_path
+from ..meta import params_on_meta
 from ..nn import Exl2Linear
 from ..qmatrix import QMatrix
 
@@ -85,25 +84,6 @@ def model_class(config: dict, where: str):
         raise ContainerError(f"names the architecture {archs[0]!r}, which transformers "
                              f"{transformers.__version__} does not know", file=where)
     return cls if archs[0].endswith("ForCausalLM") else transformers.AutoModel
-
-
-@contextlib.contextmanager
-def params_on_meta() -> Iterator[None]:
-    """Every parameter registered inside goes to the meta device at once; buffers (rotary
-    frequencies, position ids) are computed on the CPU as usual. The same idea as accelerate's
-    ``init_empty_weights(include_buffers=False)``."""
-    original = nn.Module.register_parameter
-
-    def register(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
-        original(module, name, param)
-        if param is not None and param.device.type != "meta":
-            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-
-    nn.Module.register_parameter = register
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = original
 
 
 def build_skeleton(path: str | os.PathLike, dtype: torch.dtype) -> nn.Module:
