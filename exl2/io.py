@@ -200,14 +200,14 @@ class Model(Mapping[str, torch.Tensor]):
 
     def qmatrix(self, key: str) -> QMatrix:
         """The layer ``key`` as a QMatrix; errors name the file and tensor."""
-        # the file of the layer's q_weight, else of any of its tensors (a layer may lack q_weight)
-        names = [key + ".q_weight"] + self.layer_tensor_names(key)
-        file = next((str(self.tensors[n].file) for n in names if n in self.tensors), str(self.path))
         try:
             return QMatrix.from_tensors(self, key)
         except Exl2Error as e:
-            where = self.tensors.get(e.tensor or "")
-            raise e.at(file=str(where.file) if where else file) from None
+            # the file of the tensor at fault, else of the layer's q_weight, else of any of its
+            # tensors (a layer may lack q_weight); looked up only on this error path
+            names = [e.tensor or "", key + ".q_weight", *self.layer_tensor_names(key)]
+            file = next((str(self.tensors[n].file) for n in names if n in self.tensors), str(self.path))
+            raise e.at(file=file) from None
 
     def qmatrices(self) -> Iterator[tuple[str, QMatrix]]:
         for key in self.layer_keys():
