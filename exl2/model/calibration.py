@@ -6,9 +6,9 @@ captured inputs and its outputs become the next block's inputs. Memory stays abo
 plus its activations.
 
 Linears that read the same tensor (q/k/v of an attention, gate/up of an MLP) share one Hessian:
-:func:`input_groups` finds them, :func:`group_hessian` computes one group's Hessian, stopping
-the block's forward pass as soon as the group's input is seen, so that only one Hessian needs to
-be in memory at a time.
+:func:`input_groups` finds them, :func:`group_moments` computes one group's Hessian and mean
+input, stopping the block's forward pass as soon as the group's input is seen, so that only one
+Hessian needs to be in memory at a time.
 """
 
 from __future__ import annotations
@@ -231,11 +231,6 @@ def group_moments(block: nn.Module, module: nn.Linear, inputs: BlockInputs) -> t
     """``(E[x x^T], E[x])`` of the input of ``module`` (and of every linear reading the same
     tensor) in ``block``."""
     return _moments(module, (lambda a=a, k=k: block(*a, **k) for a, k in zip(inputs.args, inputs.kwargs)))
-
-
-def group_hessian(block: nn.Module, module: nn.Linear, inputs: BlockInputs) -> torch.Tensor:
-    """The Hessian of ``module`` (and of every linear reading the same tensor) in ``block``."""
-    return group_moments(block, module, inputs)[0]
 
 
 class _Replay(nn.Module):
