@@ -49,6 +49,7 @@ from exl2.model.evaluate import load_quantized, sentence_embeddings  # noqa: E40
 from exl2.model.pipeline import Settings, quantize_model  # noqa: E402
 from exl2.model.slots import anneal_plans  # noqa: E402
 from exl2.model.source import Source  # noqa: E402
+from exl2.model.options import EXLLAMAV2_OPTIONS, OPTIONS  # noqa: E402
 from exl2.model.variants import Converter, Recipe  # noqa: E402
 from exl2.qparams import QParams  # noqa: E402
 from tests.tiny_llama import build as build_tiny_llama  # noqa: E402
@@ -63,23 +64,31 @@ MAIN_PARAGRAPHS = 18
 
 #: The encoder's steps between main's recipe (the ``exl2 quantize`` rows with main's settings)
 #: and the shipped one (the ``exl2 quantize`` rows), each adding one change to the previous.
-MAIN = Recipe(layout="stream", rows=16, length=128)
+MAIN = Recipe(layout="stream", rows=16, length=128, options=EXLLAMAV2_OPTIONS)
+_DOCS = replace(MAIN, layout="documents", rows=32)
+_COVARIANCE = replace(_DOCS, quant_rows=128, centered=True)
 STEPS: list[tuple[str, str, Recipe]] = [
     ("corpus", "+ the 128-paragraph corpus (main: 18 paragraphs)", MAIN),
-    ("documents", "+ one row per paragraph, special tokens as in use, 32 rows",
-     replace(MAIN, layout="documents", rows=32)),
-    ("quant_rows", "+ all 128 paragraphs for the quantization pass",
-     replace(MAIN, layout="documents", rows=32, quant_rows=128)),
+    ("documents", "+ one row per paragraph, special tokens as in use, 32 rows", _DOCS),
+    ("quant_rows", "+ all 128 paragraphs for the quantization pass", replace(_DOCS, quant_rows=128)),
+    ("centered", "+ GPTQ on the input covariance, bias corrected", _COVARIANCE),
+    ("refine", "+ coordinate descent after GPTQ, 3 sweeps (measured and quantized so)",
+     replace(_COVARIANCE, refine=3)),
+    ("options", "+ 6 options between 2.4 and 3.3 bits (18 measured)", replace(_COVARIANCE, refine=3, options=OPTIONS)),
+    ("input_error", "+ the quantization pass aimed at the float model's outputs",
+     replace(_COVARIANCE, refine=3, options=OPTIONS, input_error=True)),
 ]
-#: What ``exl2 quantize`` ships: the last step plus GPTQ on the input covariance with the bias
-#: corrected (:mod:`exl2.model.centering`).
-SHIPPED = replace(STEPS[-1][2], centered=True)
-#: Alternatives to the shipped recipe that did not ship, at two targets per model.
+#: What ``exl2 quantize`` ships: the last step.
+SHIPPED = STEPS[-1][2]
+#: Alternatives that did not ship, at two targets per model (the first two on the "centered"
+#: step, before coordinate descent).
 VARIANTS: list[tuple[str, str, Recipe]] = [
-    ("damping", "shipped, GPTQ damping 0.01 of the mean diagonal (ships 0.12, exllamav2's)",
-     replace(SHIPPED, percdamp=0.01)),
-    ("err_norm", "shipped, scale search on the squared error (ships |error|^3.5, exllamav2's)",
-     replace(SHIPPED, err_norm=2.0)),
+    ("damping", "GPTQ damping 0.01 of the mean diagonal (on the covariance step; ships 0.12, exllamav2's)",
+     replace(_COVARIANCE, percdamp=0.01)),
+    ("err_norm", "scale search on the squared error (on the covariance step; ships |error|^3.5, exllamav2's)",
+     replace(_COVARIANCE, err_norm=2.0)),
+    ("final", "shipped, each option measured on the last block's outputs (the rest of the model run per option)",
+     replace(SHIPPED, measure="final")),
 ]
 
 
@@ -293,11 +302,11 @@ def pipeline_rows(model: Model, work: Path, main_settings: bool) -> None:
         corpus = work / f"{model.name}-main-corpus.txt"
         corpus.write_text(model.main_text, encoding="utf-8")
         extra = dict(calibration=corpus, layout=MAIN.layout, rows=MAIN.rows, length=MAIN.length, quant_rows=None,
-                     centered=False)
+                     centered=False, refine=0, input_error=False, options=EXLLAMAV2_OPTIONS)
         key, label = "main_pipeline", "exl2 quantize with main's settings (16 x 128 tokens, one stream)"
     else:
         extra = {}
-        key, label = "pipeline", "exl2 quantize as it ships (+ GPTQ on the covariance, bias corrected)"
+        key, label = "pipeline", "exl2 quantize as it ships (the last step's recipe)"
     for target in model.targets:
         out = work / f"{model.name}-{key}-{target}"
         t0 = time.perf_counter()
@@ -391,8 +400,9 @@ def summary(model: Model) -> dict:
 def check_shipped() -> None:
     """The shipped recipe here is what ``exl2 quantize`` runs by default."""
     d = Settings(src="", out=Path("."), bpw=4.0)
-    got = (d.layout, d.rows, d.length, d.quant_rows, d.centered)
-    want = (SHIPPED.layout, SHIPPED.rows, SHIPPED.length, SHIPPED.quant_rows, SHIPPED.centered)
+    got = (d.layout, d.rows, d.length, d.quant_rows, d.centered, d.refine, d.input_error, [o.desc() for o in d.options])
+    want = (SHIPPED.layout, SHIPPED.rows, SHIPPED.length, SHIPPED.quant_rows, SHIPPED.centered, SHIPPED.refine,
+            SHIPPED.input_error, [o.desc() for o in SHIPPED.options])
     if got != want:
         raise SystemExit(f"pipeline defaults {got} differ from the ablation's shipped recipe {want}")
 

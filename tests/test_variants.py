@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from exl2.model import slots
-from exl2.model.options import OPTIONS
+from exl2.model.options import EXLLAMAV2_OPTIONS, OPTIONS
 from exl2.model.variants import LinearStats, Recipe, batches, decoded, encode
 from exl2.qparams import QParams
 
@@ -76,7 +76,8 @@ def test_exllamav2_tables():
     assert all(len(r) == 4 for r in slots.QPARAMS_ATTN) and all(len(r) == 3 for r in slots.QPARAMS_MLP)
     # options.py takes its options from the same tables: two transcriptions that must agree
     entries = {q.desc() for row in slots.QPARAMS_ATTN + slots.QPARAMS_MLP for q in row}
-    assert {o.desc() for o in OPTIONS} <= entries
+    assert {o.desc() for o in EXLLAMAV2_OPTIONS} <= entries
+    assert {o.desc() for o in EXLLAMAV2_OPTIONS} < {o.desc() for o in OPTIONS}  # measured: more (options.py)
     # both tables end with 8 bits everywhere and start at the cheapest row for a square layer
     assert {q.desc() for q in slots.QPARAMS_ATTN[-1] + slots.QPARAMS_MLP[-1]} == {QParams(128, [8], [1.0]).desc()}
     for table in (slots.QPARAMS_ATTN, slots.QPARAMS_MLP):

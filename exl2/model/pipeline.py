@@ -46,10 +46,11 @@ from ..format import padded_columns, row_granule
 from ..io import atomic_path, open_model
 from ..qmatrix import QMatrix
 from ..qparams import QParams
-from . import arch, calibration, centering, memory, output
+from . import arch, calibration, centering, input_error, memory, output
 from .allocate import allocate
 from .job import Job
 from .options import HEAD_OPTIONS, OPTIONS, head_option
+from .refine import SWEEPS, refined
 from .source import Source, open_source
 
 SHARD_BYTES = 8 << 30  # exllamav2's default shard size (8192 MB)
@@ -68,6 +69,9 @@ class Settings:
     layout: str = "documents"  #: calibration.batches: "stream" or "documents"
     quant_rows: int | None = 128  #: rows for the quantization pass (None: ``rows``)
     centered: bool = True  #: centering.encode: GPTQ on the input covariance, bias corrected
+    refine: int = SWEEPS  #: refine.refine: coordinate-descent sweeps after GPTQ (0: none)
+    #: input_error.encode in the quantization pass: GPTQ aimed at the float model's outputs
+    input_error: bool = True
     measurement: Path | None = None
     device: str = "cpu"
     shard_bytes: int = SHARD_BYTES
@@ -159,7 +163,8 @@ def quantize_model(s: Settings, progress=None, log: Callable[[str], None] = lamb
         params = {"source": str(src.path), "options": [o.desc() for o in s.options], "bpw": s.bpw,
                   "head_bits": s.head_bits,
                   "calibration": {"rows": s.rows, "length": s.length, "layout": s.layout, "quant_rows": s.quant_rows,
-                                  "centered": s.centered, "sha256": hashlib.sha256(text.encode()).hexdigest()}}
+                                  "centered": s.centered, "refine": s.refine, "input_error": s.input_error,
+                                  "sha256": hashlib.sha256(text.encode()).hexdigest()}}
         where = str(s.calibration or "the default calibration text")
         data = calibration.batches(src.tokenizer, text, s.rows, s.length, s.device, where, layout=s.layout)
         quant_rows = _quant_rows(s)
@@ -167,7 +172,7 @@ def quantize_model(s: Settings, progress=None, log: Callable[[str], None] = lamb
             calibration.batches(src.tokenizer, text, quant_rows, s.length, s.device, where, layout=s.layout)
         given = load_measurement(s, plan.layers) if s.measurement is not None else None
         job = _job(s.out, params)
-        encode = _encoder(s.device)
+        encode = refined(_encoder(s.device), s.refine)
         m = given or measure(s, src, plan, data, job, encode, progress)
         choice, alloc = allocate_bits(plan, m, s.bpw)
         log(f"allocation: {alloc.total_bits / plan.numel:.4f} bpw, error {alloc.objective:.5g} "
@@ -418,7 +423,9 @@ def _apply(module: torch.nn.Linear, qm: QMatrix) -> None:
 
 def quantize_pass(s: Settings, src: Source, layers: list[Layer], choice: dict[str, int], data, job: Job,
                   encode: Callable, progress) -> None:
-    """GPTQ with each layer's chosen option, block by block, then the head."""
+    """GPTQ with each layer's chosen option, block by block, then the head. With
+    ``s.input_error`` the float model's activations are carried beside the quantized model's
+    (:mod:`exl2.model.input_error`)."""
     head_done = src.head is None or job.has_layer(src.head[0])
     pending = [i for i in range(len(src.blocks)) if not all(job.has_layer(lay.key) for lay in _block_layers(layers, i))]
     last = len(src.blocks) - 1 if not head_done else (pending[-1] if pending else -1)
@@ -426,11 +433,19 @@ def quantize_pass(s: Settings, src: Source, layers: list[Layer], choice: dict[st
         return
     with src.outside():
         inputs = calibration.first_block_inputs(src.model, src.blocks[0][1], data, **_model_kwargs(src))
+    reference = inputs if s.input_error else None  # the float model's inputs of the block
     for i in progress(range(last + 1), last + 1, "quantize"):
+        more = i < last or not head_done
         with src.block(i) as block:
-            _quantize_block(s, src, block, _block_layers(layers, i), choice, inputs, job, encode)
-            if i < last or not head_done:
+            if reference is None:
+                _quantize_block(s, src, block, _block_layers(layers, i), choice, inputs, job, encode)
+            else:
+                following = calibration.run_block(block, reference) if more else None  # before any weight changes
+                _quantize_block_matched(s, src, block, _block_layers(layers, i), choice, inputs, reference, job, encode)
+                reference = following
+            if more:
                 inputs = calibration.run_block(block, inputs)
+    del reference
     if not head_done:
         _quantize_head(s, src, inputs, data, job, encode)
 
@@ -454,6 +469,28 @@ def _quantize_block(s, src, block, layers: list[Layer], choice, inputs, job: Job
     for layer in layers:
         qm = done.pop(layer.key, None) or job.load_layer(layer.key, layer.shape[1])
         _apply(layer.module, qm)
+
+
+def _quantize_block_matched(s, src, block, layers: list[Layer], choice, inputs, reference, job: Job, encode) -> None:
+    """The block's linears aimed at the float model's outputs (:func:`input_error.quantize_block`);
+    layers the job already holds are loaded, not encoded again."""
+    modules = {layer.key: layer for layer in layers}
+
+    def encode_one(key: str, stats: input_error.CrossStats) -> QMatrix:
+        module = modules[key].module
+        try:
+            qm = input_error.encode(encode, module.weight, s.options[choice[key]], stats, module.bias,
+                                    centered=s.centered)
+        except ValueError as e:
+            raise ContainerError(f"cannot be quantized: {e}", file=str(src.path), tensor=f"{key}.weight") from None
+        job.save_layer(key, qm)
+        return qm
+
+    def saved(key: str) -> QMatrix | None:
+        return job.load_layer(key, modules[key].shape[1]) if job.has_layer(key) else None
+
+    input_error.quantize_block(block, {k: lay.module for k, lay in modules.items()}, inputs, reference, encode_one,
+                               _apply, saved)
 
 
 def _quantize_head(s, src, last_outputs, data, job: Job, encode) -> None:

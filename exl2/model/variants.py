@@ -34,10 +34,11 @@ from ..qmatrix import QMatrix
 from ..qparams import QParams
 from ..reference import quantize as reference_quantize
 from ..reference.encode import ERR_NORM, PERCDAMP
-from . import arch, calibration, centering
+from . import arch, calibration, centering, input_error
 from .allocate import allocate
 from .centering import LinearStats, decoded, input_stats
 from .options import OPTIONS
+from .refine import refined
 from .source import Source
 
 
@@ -53,14 +54,18 @@ class Recipe:
     percdamp: float = PERCDAMP
     err_norm: float = ERR_NORM
     centered: bool = False
+    refine: int = 0  #: coordinate-descent sweeps after GPTQ (:mod:`exl2.model.refine`), 0: none
+    input_error: bool = False  #: the quantization pass aims at the float model (:mod:`exl2.model.input_error`)
     uniform: QParams | None = None  #: one QParams for every linear: no measurement, no allocation
-    measure: str = "linear"  #: "linear" (per linear, block output) or "slot" (exllamav2's tables)
+    #: "linear" (per linear, block output), "final" (per linear, the last block's output) or
+    #: "slot" (exllamav2's tables)
+    measure: str = "linear"
     options: tuple[QParams, ...] = field(default=OPTIONS)
 
     def measurement_key(self) -> tuple:
         """The fields a measurement depends on."""
         return (self.layout, self.rows, self.length, self.gptq, self.percdamp, self.err_norm, self.centered,
-                self.measure, tuple(o.desc() for o in self.options))
+                self.refine, self.measure, tuple(o.desc() for o in self.options))
 
 
 # -- calibration ------------------------------------------------------------------------------
@@ -76,8 +81,8 @@ def encode(module: torch.nn.Linear, qparams: QParams, stats: LinearStats | None,
     """One linear quantized under the recipe (its weights are not changed)."""
     if not recipe.gptq:
         return reference_quantize(module.weight.detach(), qparams, None, bias=module.bias, err_norm=recipe.err_norm)
-    return centering.encode(reference_quantize, module.weight, qparams, stats, module.bias, centered=recipe.centered,
-                            percdamp=recipe.percdamp, err_norm=recipe.err_norm)
+    return centering.encode(refined(reference_quantize, recipe.refine), module.weight, qparams, stats, module.bias,
+                            centered=recipe.centered, percdamp=recipe.percdamp, err_norm=recipe.err_norm)
 
 
 def put(module: torch.nn.Linear, qm: QMatrix) -> None:
@@ -85,7 +90,7 @@ def put(module: torch.nn.Linear, qm: QMatrix) -> None:
     with torch.no_grad():
         module.weight.copy_(decoded(qm).T)
         if module.bias is not None and qm.bias is not None:
-            module.bias.copy_(qm.bias.to(torch.float32))
+            module.bias.copy_(qm.output_bias.to(torch.float32))
 
 
 def output_errors(block, inputs: calibration.BlockInputs, reference: list[tuple]) -> tuple[float, float]:
@@ -124,18 +129,31 @@ def block_linears(src: Source) -> list[list[tuple[str, torch.nn.Linear]]]:
 
 def measure_linears(src: Source, data, recipe: Recipe, progress: Callable = lambda m: None) -> dict:
     """Per linear and option, the block's relative squared output error with that linear alone
-    quantized (the pipeline's measurement), on the float model's block inputs."""
+    quantized (the pipeline's measurement), on the float model's block inputs; with
+    ``recipe.measure == "final"`` the error of the last block's outputs instead (the rest of the
+    model run for every option: what the block's error stands in for)."""
     errors: dict[str, list[float]] = {}
-    inputs = calibration.first_block_inputs(src.model, src.blocks[0][1], data, **_model_kwargs(src))
-    for (prefix, block), linears in zip(src.blocks, block_linears(src)):
+    blocks = [b for _, b in src.blocks]
+    inputs = calibration.first_block_inputs(src.model, blocks[0], data, **_model_kwargs(src))
+    final = recipe.measure == "final"
+
+    def outputs(i, x):
+        for b in blocks[i:] if final else blocks[i:i + 1]:
+            x = calibration.run_block(b, x)
+        return x
+
+    for i, ((prefix, block), linears) in enumerate(zip(src.blocks, block_linears(src))):
         stats = input_stats(block, dict(linears), inputs)
-        reference = calibration.run_block(block, inputs).args
+        reference = outputs(i, inputs).args
         for key, module in linears:
             saved = (module.weight.detach().clone(), None if module.bias is None else module.bias.detach().clone())
             errors[key] = []
             for opt in recipe.options:
                 put(module, encode(module, opt, stats[key], recipe))
-                errors[key].append(output_errors(block, inputs, reference)[0])
+                out = outputs(i, inputs).args
+                num = sum(float((a[0] - b[0]).to(torch.float64).square().sum()) for a, b in zip(out, reference))
+                den = sum(float(b[0].to(torch.float64).square().sum()) for b in reference)
+                errors[key].append(num / max(den, 1e-30))
                 _restore(module, saved)
             progress(key)
         inputs = calibration.run_block(block, inputs)
@@ -166,12 +184,25 @@ def quantize_pass(src: Source, choice: dict[str, QParams], data, recipe: Recipe)
                 put(module, qm)
         return bits
     inputs = calibration.first_block_inputs(src.model, src.blocks[0][1], data, **_model_kwargs(src))
+    reference = inputs
     for (prefix, block), linears in zip(src.blocks, block_linears(src)):
-        stats = input_stats(block, dict(linears), inputs)
-        for key, module in linears:
-            qm = encode(module, choice[key], stats[key], recipe)
-            bits += qm.storage_bits()
-            put(module, qm)
+        if recipe.input_error:
+            following = calibration.run_block(block, reference)
+            modules = dict(linears)
+            encoder = refined(reference_quantize, recipe.refine)
+
+            def encode_one(key, stats):
+                return input_error.encode(encoder, modules[key].weight, choice[key], stats, modules[key].bias,
+                                          centered=recipe.centered, percdamp=recipe.percdamp, err_norm=recipe.err_norm)
+            done = input_error.quantize_block(block, modules, inputs, reference, encode_one, put)
+            bits += sum(qm.storage_bits() for qm in done.values())
+            reference = following
+        else:
+            stats = input_stats(block, dict(linears), inputs)
+            for key, module in linears:
+                qm = encode(module, choice[key], stats[key], recipe)
+                bits += qm.storage_bits()
+                put(module, qm)
         inputs = calibration.run_block(block, inputs)
     return bits
 
@@ -200,7 +231,7 @@ class Converter:
         t0 = time.perf_counter()
         src = self.load()
         data = self.data(src, recipe, recipe.rows)
-        if recipe.measure == "linear":
+        if recipe.measure in ("linear", "final"):
             m = {"errors": measure_linears(src, data, recipe)}
         elif recipe.measure == "slot":
             from .slots import measure_slots
@@ -239,7 +270,7 @@ class Converter:
         layers = self.layers(src)
         t0 = time.perf_counter()
         budgets = [int(self.numel() * b) for b in bpws]
-        if recipe.measure == "linear":
+        if recipe.measure in ("linear", "final"):
             costs = [[o.total_bits(mod.in_features, mod.out_features, mod.bias is not None) for o in recipe.options]
                      for _, mod in layers]
             errors = [m["errors"][k] for k, _ in layers]

@@ -1,0 +1,194 @@
+"""GPTQ aimed at the float model's outputs, from the inputs the quantized model gives the layer.
+
+In the quantization pass a linear of block ``i`` reads ``x_q``, the activations of the model whose
+blocks before ``i`` are already quantized, not ``x``, the float model's. Plain GPTQ fits
+``W_hat x_q`` to ``W x_q``: the error that reached the layer passes on untouched. What the model
+needs is ``W_hat x_q + b_hat ≈ W x + b``. Over the calibration rows that least-squares problem
+splits exactly (for ``lam = 0``) into
+
+    ``W* = W A C^-1``  and  ``||W x - W_hat x_q||^2 = const + tr((W* - W_hat) C (W* - W_hat)^T)``
+
+with ``C = E[x_q x_q^T]`` and ``A = E[x x_q^T]``: so GPTQ (and :mod:`exl2.model.refine`) run
+unchanged on the corrected weight ``W*`` with the quantized model's Hessian ``C``. For a layer
+with a bias the same holds for the centred moments, and the bias absorbs the means:
+``b_hat = b + W mu - W_hat mu_q`` (:mod:`exl2.model.centering` is the case ``x = x_q``).
+``W* = W (A + lam I)(C + lam I)^-1`` with ``lam`` a fraction :data:`LAMBDA` of ``C``'s mean
+diagonal is a ridge pull towards ``W``: without it ``W*`` follows noise in the directions the
+calibration rows hardly excite and its range, so its quantization step, grows.
+
+This is the asymmetric calibration of GPTAQ (Li et al., 2025), in closed form for the whole
+weight before GPTQ rather than inside GPTQ's column loop. The file format does not change.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import torch
+
+from ..qmatrix import QMatrix
+from ..qparams import QParams
+from .calibration import BlockInputs, _Stop
+from .centering import decoded
+
+#: Ridge of ``W*``, a fraction of the mean diagonal of ``C`` (measured on MiniLM from 0.1 to 3:
+#: 0.3 to 1 best; docs/quantizing.md).
+LAMBDA = 0.5
+
+
+@dataclass
+class CrossStats:
+    """Moments of a linear's inputs in the float model (``x``) and the quantized one (``x_q``),
+    over the same calibration rows."""
+
+    hessian: torch.Tensor  #: ``E[x_q x_q^T]`` ``[K, K]`` float32
+    cross: torch.Tensor  #: ``E[x x_q^T]`` ``[K, K]`` float32
+    mean: torch.Tensor  #: ``E[x]`` ``[K]`` float32
+    mean_q: torch.Tensor  #: ``E[x_q]`` ``[K]`` float32
+
+
+class _Capture:
+    """A forward pre-hook that keeps the module's input (rows flattened) and stops the forward."""
+
+    def __init__(self) -> None:
+        self.x: torch.Tensor | None = None
+
+    def __call__(self, _module, args) -> None:
+        self.x = args[0].reshape(-1, args[0].shape[-1]).to(torch.float32)
+        raise _Stop
+
+
+def _input(block: torch.nn.Module, capture: _Capture, args: tuple, kwargs: dict) -> torch.Tensor:
+    try:
+        block(*args, **kwargs)
+    except _Stop:
+        pass
+    if capture.x is None:
+        raise ValueError("no calibration input reached the layer")
+    x, capture.x = capture.x, None
+    return x
+
+
+def cross_moments(block: torch.nn.Module, module: torch.nn.Linear, reference: BlockInputs, inputs: BlockInputs,
+                  swap: Callable[[bool], None] = lambda quantized: None) -> CrossStats:
+    """The :class:`CrossStats` of ``module``'s input, batch by batch: ``block`` run on the float
+    model's inputs ``reference`` and on the quantized model's ``inputs``. ``swap(quantized)``
+    puts the block's already quantized linears in place (True) or their float weights (False)
+    before each of the two runs, so that ``x`` is the float model's all through the block."""
+    capture = _Capture()
+    handle = module.register_forward_pre_hook(capture)
+    k = module.in_features
+    hessian = torch.zeros(k, k)
+    cross = torch.zeros(k, k)
+    sums = torch.zeros(2, k, dtype=torch.float64)
+    count = 0
+    try:
+        with torch.inference_mode():
+            for (ra, rk), (qa, qk) in zip(zip(reference.args, reference.kwargs), zip(inputs.args, inputs.kwargs)):
+                swap(False)
+                x = _input(block, capture, ra, rk)
+                swap(True)
+                xq = _input(block, capture, qa, qk)
+                hessian.addmm_(xq.T, xq)
+                cross.addmm_(x.T, xq)
+                sums[0] += x.sum(0).to(torch.float64)
+                sums[1] += xq.sum(0).to(torch.float64)
+                count += x.shape[0]
+    finally:
+        handle.remove()
+        swap(True)
+    n = max(1, count)
+    mean, mean_q = (sums / n).to(torch.float32)
+    return CrossStats(hessian / n, cross / n, mean, mean_q)
+
+
+def target(weight: torch.Tensor, stats: CrossStats, centered: bool, lam: float = LAMBDA) \
+        -> tuple[torch.Tensor, torch.Tensor]:
+    """``(W*, C)``: the weight GPTQ should aim at and the Hessian it should use (centred moments
+    when ``centered``)."""
+    c, a = stats.hessian.to(torch.float64), stats.cross.to(torch.float64)
+    if centered:
+        c = c - torch.outer(stats.mean_q.double(), stats.mean_q.double())
+        a = a - torch.outer(stats.mean.double(), stats.mean_q.double())
+    ridge = lam * c.diagonal().mean().clamp(min=1e-12)
+    a.diagonal().add_(ridge)
+    damped = c.clone()
+    damped.diagonal().add_(ridge)
+    w = weight.detach().to(torch.float64)
+    # W* = W (A + ridge I)(C + ridge I)^-1, as a solve with C symmetric
+    w_star = torch.linalg.solve(damped, a.T @ w.T).T
+    return w_star.to(torch.float32), c.to(torch.float32)
+
+
+def encode(encoder: Callable, weight: torch.Tensor, qparams: QParams, stats: CrossStats, bias: torch.Tensor | None,
+           *, centered: bool = True, lam: float = LAMBDA, **kw) -> QMatrix:
+    """``encoder(W*, qparams, C, bias=bias, **kw)`` (reference or fast quantize, refined or
+    not); with ``centered`` and a bias, the bias set to ``b + W mu - W_hat mu_q``."""
+    centered = centered and bias is not None
+    w_star, c = target(weight, stats, centered, lam)
+    qm = encoder(w_star, qparams, c, bias=bias, **kw)
+    if not centered:
+        return qm
+    w = weight.detach().to(torch.float32)
+    shift = w @ stats.mean - decoded(qm).T.to(w.device) @ stats.mean_q
+    corrected = qm.bias.clone()  # padded to q_weight's columns (spec 3.3): the padding stays 0
+    corrected[: qm.out_features] = (bias.detach().to(torch.float32) + shift).to(corrected.device, torch.float16)
+    return replace(qm, bias=corrected)
+
+
+class _Swap:
+    """The float and the decoded weights of a block's quantized linears, either put in place
+    (``self(True)``: the quantized model; ``self(False)``: the float one) without copying."""
+
+    def __init__(self, put: Callable[[torch.nn.Linear, QMatrix], None]) -> None:
+        self.put = put
+        self.layers: list[tuple[torch.nn.Linear, tuple, tuple]] = []
+
+    @staticmethod
+    def _tensors(module: torch.nn.Linear) -> tuple:
+        return module.weight.data, None if module.bias is None else module.bias.data
+
+    def keep(self, module: torch.nn.Linear, qm: QMatrix) -> None:
+        original = self._tensors(module)
+        module.weight.data = module.weight.data.clone()
+        if module.bias is not None:
+            module.bias.data = module.bias.data.clone()
+        self.put(module, qm)
+        self.layers.append((module, original, self._tensors(module)))
+
+    def __call__(self, quantized: bool) -> None:
+        for module, original, decoded_ in self.layers:
+            weight, bias = decoded_ if quantized else original
+            module.weight.data = weight
+            if bias is not None:
+                module.bias.data = bias
+
+
+def quantize_block(block: torch.nn.Module, modules: dict[str, torch.nn.Linear], inputs: BlockInputs,
+                   reference: BlockInputs, encode_one: Callable[[str, CrossStats], QMatrix],
+                   put: Callable[[torch.nn.Linear, QMatrix], None],
+                   saved: Callable[[str], QMatrix | None] = lambda key: None) -> dict[str, QMatrix]:
+    """Quantize a block's linears group by group (those reading one tensor, in the order the
+    block reads them): each group's :class:`CrossStats` from ``reference`` (the float model's
+    block inputs) through the float block and from ``inputs`` (the quantized model's) through the
+    block with the groups before it quantized, then ``encode_one(key, stats)`` per linear (or
+    ``saved(key)`` when it is already done) and ``put`` once the whole group is encoded. So GPTQ
+    also makes up for the error of the block's earlier linears. On return every linear computes
+    with its decoded weights; the float ones are dropped."""
+    from .calibration import input_groups
+
+    swap = _Swap(put)
+    done: dict[str, QMatrix] = {}
+    for group in input_groups(block, modules, inputs):
+        held = {k: saved(k) for k in group}
+        stats = None
+        if any(qm is None for qm in held.values()):
+            stats = cross_moments(block, modules[group[0]], reference, inputs, swap)
+        for key in group:
+            done[key] = held[key] if held[key] is not None else encode_one(key, stats)
+        del stats
+        for key in group:  # after the whole group: its linears read the same input
+            swap.keep(modules[key], done[key])
+    swap(True)
+    return done
