@@ -106,19 +106,27 @@ def cross_moments(block: torch.nn.Module, module: torch.nn.Linear, reference: Bl
 def target(weight: torch.Tensor, stats: CrossStats, centered: bool, lam: float = LAMBDA) \
         -> tuple[torch.Tensor, torch.Tensor]:
     """``(W*, C)``: the weight GPTQ should aim at and the Hessian it should use (centred moments
-    when ``centered``)."""
-    c, a = stats.hessian.to(torch.float64), stats.cross.to(torch.float64)
+    when ``centered``). In float32, with two ``[K, K]`` buffers beyond the shared moments (``C``
+    when centred, and ``C + lam I`` factored in place); ``stats`` is not changed (the linears
+    reading one input share it)."""
+    c = stats.hessian
     if centered:
-        c = c - torch.outer(stats.mean_q.double(), stats.mean_q.double())
-        a = a - torch.outer(stats.mean.double(), stats.mean_q.double())
-    ridge = lam * c.diagonal().mean().clamp(min=1e-12)
-    a.diagonal().add_(ridge)
+        c = c - torch.outer(stats.mean_q, stats.mean_q)
+    ridge = lam * float(c.diagonal().mean().clamp(min=1e-12))
+    w = weight.detach().to(device=c.device, dtype=torch.float32)
+    # (A + ridge I)^T W^T, with A centred as a rank-one correction rather than a [K, K] copy:
+    # A_c^T W^T = A^T W^T - mu_q (W mu)^T
+    rhs = stats.cross.T @ w.T
+    rhs.add_(w.T, alpha=ridge)
+    if centered:
+        rhs.sub_(torch.outer(stats.mean_q, w @ stats.mean))
     damped = c.clone()
     damped.diagonal().add_(ridge)
-    w = weight.detach().to(torch.float64)
-    # W* = W (A + ridge I)(C + ridge I)^-1, as a solve with C symmetric
-    w_star = torch.linalg.solve(damped, a.T @ w.T).T
-    return w_star.to(torch.float32), c.to(torch.float32)
+    factor, info = torch.linalg.cholesky_ex(damped, out=(damped, torch.empty((), dtype=torch.int32)))
+    if int(info) != 0:
+        raise ValueError("the quantized model's input moments are not positive definite, even with the ridge")
+    w_star = torch.cholesky_solve(rhs, factor).T  # W* = W (A + ridge I)(C + ridge I)^-1
+    return w_star.contiguous(), c
 
 
 def encode(encoder: Callable, weight: torch.Tensor, qparams: QParams, stats: CrossStats, bias: torch.Tensor | None,
