@@ -1,13 +1,19 @@
 """The encoder's working memory is kept small (float32 working copy made directly in act-order,
 one-byte codes, the inverse-Hessian factor computed in place, the scale search in place) without
-changing a bit of its output: each lean step against the straightforward computation it replaces."""
+changing a bit of its output: each lean step against the straightforward computation it replaces,
+and :func:`exl2.model.memory.encode_bytes` against the memory one encode really takes."""
 
 from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
 
 from exl2 import QParams
+from exl2.model.memory import encode_bytes
 from exl2.reference import encode
 from exl2.reference.encode import P_GRID, P_MAX, P_MIN, PERCDAMP, decoded_scales, encode_rows, gptq_group, pack
 from exl2.format import zero_point
@@ -140,3 +146,41 @@ def test_nan_in_the_weight_is_refused_before_a_hessian_of_the_wrong_shape():
         encode.quantize(w, QPARAMS[0], torch.eye(32))
     with pytest.raises(ValueError, match="NaN or Inf"):  # float64 beyond float32's range
         encode.quantize(torch.full((32, 64), 1e300, dtype=torch.float64), QPARAMS[0])
+
+
+# -- memory -------------------------------------------------------------------------------------
+
+_MEASURE = textwrap.dedent("""
+    import ctypes, resource, sys, torch
+    from exl2 import QParams
+    from exl2.reference import quantize
+    ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # as exl2 quantize: large blocks go back to the system
+    torch.set_num_threads(1)
+    k, n = int(sys.argv[1]), int(sys.argv[2])
+    weight = torch.randn(n, k) * 0.02
+    h = torch.randn(k, k)
+    h = h @ h.T
+    h.diagonal().add_(k)
+    def rss():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * resource.getpagesize()
+    before, peak_before = rss(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    quantize(weight, QParams(32, [4], [1.0]), h)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(peak - before, peak > peak_before)
+""")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc and glibc's mallopt")
+def test_encode_bytes_bounds_the_memory_one_encode_takes():
+    k, n = 2048, 4096
+    r = subprocess.run([sys.executable, "-c", _MEASURE, str(k), str(n)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    growth, rose = r.stdout.split()
+    growth = int(growth)
+    assert rose == "True"  # the encode set the process's peak, so the growth is the encode's
+    bound = encode_bytes(k, n)
+    # The formula counts the large buffers; 24 MB covers the scale search's chunk (16 MB) and
+    # the allocator's slack. It should not be loose either: the buffers it counts are all used.
+    assert growth <= bound + (24 << 20), (growth, bound)
+    assert growth >= 0.6 * bound, (growth, bound)

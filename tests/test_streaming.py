@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from exl2.io import open_model
-from exl2.model import pipeline
+from exl2.model import calibration, pipeline
 from exl2.model.pipeline import Settings, quantize_model
 from exl2.model.source import StreamingSource, open_source
 
@@ -86,8 +86,11 @@ def test_one_block_in_memory_at_a_time(tmp_path, monkeypatch):
 
 
 def test_source_loads_one_block_as_the_eager_model_holds_it(tmp_path):
+    """The same values as the eager model's float32 ones: linear weights in the checkpoint's
+    bfloat16 (upcast while each runs), the rest in float32; the block's outputs the same bits."""
     src = write_model(tmp_path / "src", dtype=torch.bfloat16)
     eager = open_source(str(src), streaming=False)
+    x = torch.randn(1, 8, eager.config["hidden_size"])
     with open_source(str(src)) as lazy:
         assert all(p.device.type == "meta" for p in lazy.model.parameters())
         with lazy.block(1) as block:
@@ -95,7 +98,14 @@ def test_source_loads_one_block_as_the_eager_model_holds_it(tmp_path):
             theirs = dict(eager.blocks[1][1].named_parameters())
             assert ours.keys() == theirs.keys()
             for name, p in ours.items():
-                assert p.dtype == torch.float32 and torch.equal(p, theirs[name]), name
+                linear = name.endswith("proj.weight")
+                assert p.dtype == (torch.bfloat16 if linear else torch.float32), name
+                assert torch.equal(p.to(torch.float32), theirs[name]), name
+            assert lazy.block_bytes(1) == sum(p.numel() * p.element_size() for p in ours.values())
+            inputs = calibration.first_block_inputs(eager.model, eager.blocks[0][1],
+                                                    [{"input_ids": torch.arange(8)[None]}], **pipeline._model_kwargs(eager))
+            assert torch.equal(calibration.run_block(block, inputs).args[0][0],
+                               calibration.run_block(eager.blocks[1][1], inputs).args[0][0])
         assert all(p.device.type == "meta" for p in lazy.blocks[1][1].parameters())
 
 
