@@ -61,6 +61,8 @@ def quantize_cmd(
     measurement: Path = typer.Option(None, "--measurement", help="reuse a measurement.json (skips measuring)"),
     device: str = typer.Option("auto", "--device", help="auto (cuda when there is a GPU), cpu, cuda or cuda:N"),
     rows: int = typer.Option(32, "--rows", help="calibration rows for the measurement", min=1),
+    quant_rows: int = typer.Option(128, "--quant-rows", help="calibration rows for the quantization pass "
+                                   "(never fewer than --rows)", min=1),
     length: int = typer.Option(128, "--length", help="tokens per calibration row", min=8),
     loader: str = typer.Option("stream", "--loader", help="stream: one block at a time from disk; eager: the whole "
                                "model through transformers (for checkpoints whose names the streaming loader cannot map)"),
@@ -87,7 +89,7 @@ def quantize_cmd(
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
     settings = Settings(src=src, out=out, bpw=bpw, head_bits=head_bits, calibration=calibration, rows=rows,
-                        length=length, measurement=measurement, device=device, overwrite=overwrite,
+                        quant_rows=quant_rows, length=length, measurement=measurement, device=device, overwrite=overwrite,
                         streaming=loader == "stream")
     progress = _bar if sys.stderr.isatty() else log_lines(_note)
     _map_large_allocations()
