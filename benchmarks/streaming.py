@@ -58,7 +58,8 @@ def peak_rss(cmd: list[str], log: Path, env: dict | None = None, timeout: float 
 def write_llama(folder: Path, hidden: int, intermediate: int, blocks: int, heads: int, kv_heads: int,
                 vocab: int, seed: int = 0, shard_bytes: int = 2 << 30) -> int:
     """A llama checkpoint of random float16 weights (std 0.02, as transformers initializes) and a
-    character tokenizer; returns the bytes of its safetensors files."""
+    character tokenizer; returns the bytes of its safetensors files. A causal LM, so that its head
+    is quantized too, as a real llama's is."""
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import LlamaConfig, PreTrainedTokenizerFast
@@ -68,7 +69,7 @@ def write_llama(folder: Path, hidden: int, intermediate: int, blocks: int, heads
 
     folder.mkdir(parents=True)
     head_dim = hidden // heads
-    LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=blocks,
+    LlamaConfig(architectures=["LlamaForCausalLM"], hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=blocks,
                 num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=vocab,
                 max_position_embeddings=4096, tie_word_embeddings=False, dtype="float16").save_pretrained(folder)
     shapes = [("model.embed_tokens.weight", (vocab, hidden))]
@@ -130,13 +131,19 @@ def block_seconds(log: Path, phase: str = "quantize") -> list[float]:
     return [b - a for a, b in zip([0] + clock, clock)]
 
 
+def child_threads() -> int:
+    """Torch threads of the converter: ``OMP_NUM_THREADS`` when set, else every CPU."""
+    return int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1)
+
+
 def convert(src: Path, out: Path, rows: int, length: int, measure: bool, work: Path, timeout: float | None = None) -> dict:
+    # the quantization pass takes as many rows as the measurement (its default is 128)
     cmd = [sys.executable, "-m", "exl2.cli", "quantize", str(src), "-o", str(out), "-b", "4.0", "--rows", str(rows),
-           "--length", str(length), "--device", "cpu"]
+           "--quant-rows", str(rows), "--length", str(length), "--device", "cpu"]
     if not measure:
         write_measurement(src, work / "measurement.json")
         cmd += ["--measurement", str(work / "measurement.json")]
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
+    env = dict(os.environ, OMP_NUM_THREADS=str(child_threads()))
     log = work / f"{src.name}.log"
     t0 = time.perf_counter()
     peak, code = peak_rss(cmd, log, env, timeout)
@@ -161,10 +168,12 @@ def convert(src: Path, out: Path, rows: int, length: int, measure: bool, work: P
 MODELS = {"llama-2-7b": (4096, 11008, 32, 32, 32, 32000), "llama-2-70b": (8192, 28672, 80, 64, 8, 32000)}
 
 
-def extrapolate(seconds_per_weight: float, options: int, rows: int = 16, length: int = 128) -> dict:
-    """Time and memory of converting real shapes on this machine, from the measured seconds per
-    weight of one GPTQ pass: the measurement pass runs ``options`` GPTQs per weight, the
-    quantization pass one. Memory from :func:`exl2.model.memory.estimate` (default calibration)."""
+def extrapolate(seconds_per_weight: float, options: int, rows: int, length: int) -> dict:
+    """Time and memory of converting real shapes (float16 checkpoints) on this machine, from the
+    measured seconds per weight of one GPTQ pass: the measurement pass runs ``options`` GPTQs per
+    weight, the quantization pass one. Memory from :func:`exl2.model.memory.estimate`, with the
+    default calibration (the quantization pass on 128 rows of 128 tokens) and with the benchmark's
+    (``rows`` x ``length`` for both passes)."""
     from exl2.model.memory import estimate
 
     out = {}
@@ -174,11 +183,20 @@ def extrapolate(seconds_per_weight: float, options: int, rows: int = 16, length:
                   (heads * head_dim, hidden), (hidden, inter), (hidden, inter), (inter, hidden)]
         weights = sum(k * n for k, n in shapes)
         per_block = seconds_per_weight * weights * (options + 1)
-        e = estimate(weights + 2 * hidden, shapes, hidden, rows * length, vocab * hidden + hidden, (hidden, vocab))
-        out[name] = {"blocks": blocks, "weights_per_block": weights,
+        source = 2 * (blocks * (weights + 2 * hidden) + 2 * vocab * hidden + hidden)
+
+        def peak(tokens: int):
+            # linears' weights held in float16 (2 bytes), norms in float32 (4)
+            return estimate(2 * weights + 4 * 2 * hidden, shapes, hidden, tokens, vocab * hidden + hidden,
+                            (hidden, vocab), head_bytes=2)
+
+        e, few = peak(128 * 128), peak(rows * length)
+        out[name] = {"blocks": blocks, "weights_per_block": weights, "source_gb": source / 1e9,
                      "hours_per_block": per_block / 3600, "hours": blocks * per_block / 3600,
                      "quantize_pass_hours": blocks * seconds_per_weight * weights / 3600,
-                     "peak_gb": e.cpu / 1e9, "block_gb": e.block / 1e9, "head_gb": e.head / 1e9}
+                     "peak_gb": e.cpu / 1e9, "block_gb": e.block / 1e9, "head_gb": e.head / 1e9,
+                     "peak_over_source_pct": 100 * e.cpu / source,
+                     "peak_gb_few_rows": few.cpu / 1e9, "peak_over_source_pct_few_rows": 100 * few.cpu / source}
     return out
 
 
@@ -240,7 +258,7 @@ def summarize(result: dict) -> dict:
     result.update(peak_ratio_largest_to_smallest=last["peak_rss_bytes"] / first["peak_rss_bytes"],
                   peak_change_pct=100 * (last["peak_rss_bytes"] / first["peak_rss_bytes"] - 1),
                   microseconds_per_weight=rate * 1e6, options=len(OPTIONS),
-                  extrapolated=extrapolate(rate, len(OPTIONS)))
+                  extrapolated=extrapolate(rate, len(OPTIONS), result["shapes"]["rows"], result["shapes"]["length"]))
     return result
 
 
@@ -255,7 +273,7 @@ def _machine() -> dict:
 
     import torch
 
-    return {"cpu_threads": torch.get_num_threads(), "cpus": os.cpu_count(), "platform": platform.platform(),
+    return {"cpu_threads": child_threads(), "cpus": os.cpu_count(), "platform": platform.platform(),
             "torch": torch.__version__}
 
 
