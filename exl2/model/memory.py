@@ -29,14 +29,21 @@ from dataclasses import dataclass
 BASE_BYTES = 560 << 20
 
 
+#: The most rows of one group among the options (``exl2.model.options``: groups of 32, 64, 128).
+GROUP_ROWS = 128
+
+
 def encode_bytes(k: int, n: int, centered: bool = False) -> int:
     """Working memory of GPTQ on a ``[k, n]`` linear (``exl2.reference.quantize``), beyond the
     weight and the Hessian it is given: the float32 working copy of the weight, transposed and
     permuted (4 bytes per weight), the codes (1), the error fed forward to the rows after a
     group (up to 4: ``[rows after it, n]`` float32), and one ``[k, k]`` float32 buffer in which the
-    inverse-Hessian factor is computed in place (4 bytes per entry). ``centered`` (a layer with a
-    bias, :mod:`exl2.model.centering`): the covariance, one more ``[k, k]`` float32."""
-    return 9 * k * n + (8 if centered else 4) * k * k
+    inverse-Hessian factor is computed in place (4 bytes per entry); and one group's temporaries
+    (its rows copied, their int64 codes and errors, the scale search's chunk: 32 bytes per weight
+    of a group of up to :data:`GROUP_ROWS` rows), which count for a wide layer such as a head.
+    ``centered`` (a layer with a bias, :mod:`exl2.model.centering`): the covariance, one more
+    ``[k, k]`` float32."""
+    return 9 * k * n + 32 * GROUP_ROWS * n + (8 if centered else 4) * k * k
 
 
 @dataclass(frozen=True)

@@ -107,6 +107,8 @@ def encode_rows(w: torch.Tensor, scale: torch.Tensor, bits: int) -> tuple[torch.
 
 #: Columns of a ``[K, K]`` matrix handled at once where a whole-matrix temporary is avoidable.
 _COLUMN_CHUNK = 256
+#: Columns of a group packed at once (:func:`pack`).
+_PACK_COLUMNS = 1024
 
 
 def _permuted(h: torch.Tensor, perm: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -255,9 +257,15 @@ def pack(codes: torch.Tensor, groups, scale_codes: torch.Tensor, scale_max: torc
     words, offsets = [], []
     qrow = 0
     for bits, a, n in groups:
-        block = torch.full((n, cols), zero_point(bits), dtype=torch.int64, device=codes.device)
-        block[:, :out_features] = codes[a:a + n]
-        packed = pack_group(block, bits)
+        # A slice of columns at a time (each column packs on its own): packing works in int64
+        # with several temporaries per code, too many to make for a whole group of a wide layer.
+        parts = []
+        for c in range(0, cols, _PACK_COLUMNS):
+            block = torch.full((n, min(_PACK_COLUMNS, cols - c)), zero_point(bits), dtype=torch.int64,
+                               device=codes.device)
+            block[:, :max(0, min(out_features - c, block.shape[1]))] = codes[a:a + n, c:c + block.shape[1]]
+            parts.append(pack_group(block, bits))
+        packed = torch.cat(parts, dim=1)
         words.append(packed)
         offsets += [bits, qrow]
         qrow += packed.shape[0]
