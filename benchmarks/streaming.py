@@ -1,8 +1,12 @@
 """Streaming conversion benchmark: peak RSS of ``exl2 quantize`` against the source's size, and
 flat in the number of blocks.
 
-    flock /tmp/exl2-heavy.lock python benchmarks/streaming.py            # the runs of docs/quantizing.md
-    python benchmarks/streaming.py --hidden 256 --intermediate 512 --blocks 2,4 --no-record   # a quick try
+    nice -n 10 flock /tmp/exl2-heavy.lock python benchmarks/streaming.py   # the runs of docs/quantizing.md
+    python benchmarks/streaming.py --hidden 256 --intermediate 512 --heads 8 --kv-heads 8 --vocab 512 \
+        --blocks 2,4 --no-record                                               # a quick try
+
+The defaults are 4 and 16 blocks of llama-2-7b's shapes (7 GB of float16 at 16 blocks), with 2
+calibration rows of 128 tokens in both passes: about 100 s per block on two cores.
 
 For each block count a synthetic llama is written to disk (random float16 weights, shard by
 shard, never held whole), converted at 4.0 bpw by ``exl2 quantize`` in a child process whose
@@ -12,8 +16,8 @@ to ``docs/results/streaming.json`` and ``docs/results/streaming.md``.
 
 By default the measurement pass is skipped with a ``--measurement`` file written here (exact
 costs of every option, errors falling with the bits, so the allocation is a real one): measuring
-runs every option's GPTQ on every layer, twelve times the work of the conversion itself, which a
-6 GB model cannot do in an hour on two cores. ``--measure`` runs it too. Peak memory does not
+runs every option's GPTQ on every layer, twelve times the work of the conversion itself: for the
+16-block model about five hours more on two cores. ``--measure`` runs it too. Peak memory does not
 depend on the number of options (they are tried one after another); the measurement pass's own
 memory is covered by ``tests/test_streaming.py``.
 """
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import shutil
@@ -58,7 +63,8 @@ def peak_rss(cmd: list[str], log: Path, env: dict | None = None, timeout: float 
 def write_llama(folder: Path, hidden: int, intermediate: int, blocks: int, heads: int, kv_heads: int,
                 vocab: int, seed: int = 0, shard_bytes: int = 2 << 30) -> int:
     """A llama checkpoint of random float16 weights (std 0.02, as transformers initializes) and a
-    character tokenizer; returns the bytes of its safetensors files."""
+    character tokenizer; returns the bytes of its safetensors files. A causal LM, so that its head
+    is quantized too, as a real llama's is."""
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import LlamaConfig, PreTrainedTokenizerFast
@@ -68,7 +74,7 @@ def write_llama(folder: Path, hidden: int, intermediate: int, blocks: int, heads
 
     folder.mkdir(parents=True)
     head_dim = hidden // heads
-    LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=blocks,
+    LlamaConfig(architectures=["LlamaForCausalLM"], hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=blocks,
                 num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=vocab,
                 max_position_embeddings=4096, tie_word_embeddings=False, dtype="float16").save_pretrained(folder)
     shapes = [("model.embed_tokens.weight", (vocab, hidden))]
@@ -130,13 +136,19 @@ def block_seconds(log: Path, phase: str = "quantize") -> list[float]:
     return [b - a for a, b in zip([0] + clock, clock)]
 
 
+def child_threads() -> int:
+    """Torch threads of the converter: ``OMP_NUM_THREADS`` when set, else every CPU."""
+    return int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1)
+
+
 def convert(src: Path, out: Path, rows: int, length: int, measure: bool, work: Path, timeout: float | None = None) -> dict:
+    # the quantization pass takes as many rows as the measurement (its default is 128)
     cmd = [sys.executable, "-m", "exl2.cli", "quantize", str(src), "-o", str(out), "-b", "4.0", "--rows", str(rows),
-           "--length", str(length), "--device", "cpu"]
+           "--quant-rows", str(rows), "--length", str(length), "--device", "cpu"]
     if not measure:
         write_measurement(src, work / "measurement.json")
         cmd += ["--measurement", str(work / "measurement.json")]
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
+    env = dict(os.environ, OMP_NUM_THREADS=str(child_threads()))
     log = work / f"{src.name}.log"
     t0 = time.perf_counter()
     peak, code = peak_rss(cmd, log, env, timeout)
@@ -161,10 +173,12 @@ def convert(src: Path, out: Path, rows: int, length: int, measure: bool, work: P
 MODELS = {"llama-2-7b": (4096, 11008, 32, 32, 32, 32000), "llama-2-70b": (8192, 28672, 80, 64, 8, 32000)}
 
 
-def extrapolate(seconds_per_weight: float, options: int, rows: int = 16, length: int = 128) -> dict:
-    """Time and memory of converting real shapes on this machine, from the measured seconds per
-    weight of one GPTQ pass: the measurement pass runs ``options`` GPTQs per weight, the
-    quantization pass one. Memory from :func:`exl2.model.memory.estimate` (default calibration)."""
+def extrapolate(seconds_per_weight: float, options: int, rows: int, length: int) -> dict:
+    """Time and memory of converting real shapes (float16 checkpoints) on this machine, from the
+    measured seconds per weight of one GPTQ pass: the measurement pass runs ``options`` GPTQs per
+    weight, the quantization pass one. Memory from :func:`exl2.model.memory.estimate`, with the
+    default calibration (the quantization pass on 128 rows of 128 tokens) and with the benchmark's
+    (``rows`` x ``length`` for both passes)."""
     from exl2.model.memory import estimate
 
     out = {}
@@ -174,21 +188,30 @@ def extrapolate(seconds_per_weight: float, options: int, rows: int = 16, length:
                   (heads * head_dim, hidden), (hidden, inter), (hidden, inter), (inter, hidden)]
         weights = sum(k * n for k, n in shapes)
         per_block = seconds_per_weight * weights * (options + 1)
-        e = estimate(weights + 2 * hidden, shapes, hidden, rows * length, vocab * hidden + hidden, (hidden, vocab))
-        out[name] = {"blocks": blocks, "weights_per_block": weights,
+        source = 2 * (blocks * (weights + 2 * hidden) + 2 * vocab * hidden + hidden)
+
+        def peak(tokens: int):
+            # linears' weights held in float16 (2 bytes), norms in float32 (4)
+            return estimate(2 * weights + 4 * 2 * hidden, shapes, hidden, tokens, vocab * hidden + hidden,
+                            (hidden, vocab), head_bytes=2)
+
+        e, few = peak(128 * 128), peak(rows * length)
+        out[name] = {"blocks": blocks, "weights_per_block": weights, "source_gb": source / 1e9,
                      "hours_per_block": per_block / 3600, "hours": blocks * per_block / 3600,
                      "quantize_pass_hours": blocks * seconds_per_weight * weights / 3600,
-                     "peak_gb": e.cpu / 1e9, "block_gb": e.block / 1e9, "head_gb": e.head / 1e9}
+                     "peak_gb": e.cpu / 1e9, "block_gb": e.block / 1e9, "head_gb": e.head / 1e9,
+                     "peak_over_source_pct": 100 * e.cpu / source,
+                     "peak_gb_few_rows": few.cpu / 1e9, "peak_over_source_pct_few_rows": 100 * few.cpu / source}
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--hidden", type=int, default=2048)
-    ap.add_argument("--intermediate", type=int, default=4096)
-    ap.add_argument("--heads", type=int, default=16)
-    ap.add_argument("--kv-heads", type=int, default=4)
-    ap.add_argument("--vocab", type=int, default=4096)
+    ap.add_argument("--hidden", type=int, default=4096)
+    ap.add_argument("--intermediate", type=int, default=11008)
+    ap.add_argument("--heads", type=int, default=32)
+    ap.add_argument("--kv-heads", type=int, default=32)
+    ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--blocks", default="4,16", help="block counts, comma-separated")
     ap.add_argument("--rows", type=int, default=2)
     ap.add_argument("--length", type=int, default=128)
@@ -235,12 +258,21 @@ def summarize(result: dict) -> dict:
         r.update(source_gb=r["source_bytes"] / 1e9, peak_rss_gb=r["peak_rss_bytes"] / 1e9,
                  estimate_gb=r["estimate_bytes"] / 1e9, peak_over_source_pct=100 * r["peak_rss_bytes"] / r["source_bytes"],
                  minutes=r["seconds"] / 60)
+        r["estimate_over_peak_pct"] = 100 * (r["estimate_bytes"] / r["peak_rss_bytes"] - 1)
     first, last = runs[0], runs[-1]
     rate = last["seconds_per_weight"]
+    if last["blocks"] > first["blocks"]:
+        # the source grows by one block's bytes per block, the peak does not: from how many blocks
+        # of these shapes the largest peak measured is under a quarter of the source
+        per_block = (last["source_bytes"] - first["source_bytes"]) / (last["blocks"] - first["blocks"])
+        fixed = first["source_bytes"] - first["blocks"] * per_block
+        peak = max(r["peak_rss_bytes"] for r in runs)
+        blocks = max(1, math.floor((4 * peak - fixed) / per_block) + 1)
+        result.update(blocks_for_quarter=blocks, source_gb_for_quarter=(fixed + blocks * per_block) / 1e9)
     result.update(peak_ratio_largest_to_smallest=last["peak_rss_bytes"] / first["peak_rss_bytes"],
                   peak_change_pct=100 * (last["peak_rss_bytes"] / first["peak_rss_bytes"] - 1),
                   microseconds_per_weight=rate * 1e6, options=len(OPTIONS),
-                  extrapolated=extrapolate(rate, len(OPTIONS)))
+                  extrapolated=extrapolate(rate, len(OPTIONS), result["shapes"]["rows"], result["shapes"]["length"]))
     return result
 
 
@@ -255,7 +287,7 @@ def _machine() -> dict:
 
     import torch
 
-    return {"cpu_threads": torch.get_num_threads(), "cpus": os.cpu_count(), "platform": platform.platform(),
+    return {"cpu_threads": child_threads(), "cpus": os.cpu_count(), "platform": platform.platform(),
             "torch": torch.__version__}
 
 

@@ -61,7 +61,13 @@ def quantize_cmd(
     measurement: Path = typer.Option(None, "--measurement", help="reuse a measurement.json (skips measuring)"),
     device: str = typer.Option("auto", "--device", help="auto (cuda when there is a GPU), cpu, cuda or cuda:N"),
     rows: int = typer.Option(32, "--rows", help="calibration rows for the measurement", min=1),
+    quant_rows: int = typer.Option(128, "--quant-rows", help="calibration rows for the quantization pass "
+                                   "(never fewer than --rows)", min=1),
     length: int = typer.Option(128, "--length", help="tokens per calibration row", min=8),
+    sweeps: int = typer.Option(3, "--sweeps", help="coordinate-descent sweeps after GPTQ (0: GPTQ's codes as they are)",
+                               min=0, max=100),
+    aim: str = typer.Option("float", "--aim", help="float: the quantization pass aims every layer at the float "
+                            "model's outputs; plain: at its own outputs on the quantized model's inputs (GPTQ as usual)"),
     loader: str = typer.Option("stream", "--loader", help="stream: one block at a time from disk; eager: the whole "
                                "model through transformers (for checkpoints whose names the streaming loader cannot map)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace OUT if it exists (only once the new one is complete)"),
@@ -82,13 +88,15 @@ def quantize_cmd(
         raise fail(f"{measurement}: measurement file not found", 2)
     if loader not in ("stream", "eager"):
         raise fail(f"--loader must be stream or eager, not {loader!r}", 2)
+    if aim not in ("float", "plain"):
+        raise fail(f"--aim must be float or plain, not {aim!r}", 2)
     if device == "auto":
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
     settings = Settings(src=src, out=out, bpw=bpw, head_bits=head_bits, calibration=calibration, rows=rows,
-                        length=length, measurement=measurement, device=device, overwrite=overwrite,
-                        streaming=loader == "stream")
+                        quant_rows=quant_rows, length=length, measurement=measurement, device=device, overwrite=overwrite,
+                        streaming=loader == "stream", refine=sweeps, input_error=aim == "float")
     progress = _bar if sys.stderr.isatty() else log_lines(_note)
     _map_large_allocations()
     try:

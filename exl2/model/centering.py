@@ -55,11 +55,15 @@ def encode(encoder: Callable, weight: torch.Tensor, qparams: QParams, stats: Lin
            bias: torch.Tensor | None, *, centered: bool = True, **kw) -> QMatrix:
     """``encoder(weight, qparams, hessian, bias=bias, **kw)`` (the reference or fast quantize);
     with ``centered`` and a bias: on the covariance, then the bias corrected."""
-    w = weight.detach().to(torch.float32)
+    # The weight goes to the encoder in its own dtype (the encoder makes its float32 working copy
+    # from it); a float32 copy here is made only for the bias correction, once the encoder is done.
+    weight = weight.detach()
     if not centered or bias is None:
-        return encoder(w, qparams, stats.hessian, bias=bias, **kw)
+        return encoder(weight, qparams, stats.hessian, bias=bias, **kw)
     covariance = stats.hessian - torch.outer(stats.mean, stats.mean)
-    qm = encoder(w, qparams, covariance, bias=bias, **kw)
+    qm = encoder(weight, qparams, covariance, bias=bias, **kw)
+    del covariance
+    w = weight.to(torch.float32)
     shift = (w - decoded(qm).T.to(w.device)) @ stats.mean.to(w.device)
     corrected = qm.bias.clone()  # stored padded to q_weight's columns (spec 3.3): the padding stays 0
     corrected[: qm.out_features] = (bias.detach().to(torch.float32) + shift).to(corrected.device, torch.float16)

@@ -146,31 +146,35 @@ def encode(encoder: Callable, weight: torch.Tensor, qparams: QParams, stats: Cro
 
 
 class _Swap:
-    """The float and the decoded weights of a block's quantized linears, either put in place
-    (``self(True)``: the quantized model; ``self(False)``: the float one) without copying."""
+    """The float and the decoded parameters of a block's quantized linears, either put in place
+    (``self(True)``: the quantized model; ``self(False)``: the float one) without copying. The
+    parameter objects are swapped, not their data: ``put`` may give a linear a new weight of
+    another dtype (:func:`exl2.model.held.put_weight`)."""
 
     def __init__(self, put: Callable[[torch.nn.Linear, QMatrix], None]) -> None:
         self.put = put
         self.layers: list[tuple[torch.nn.Linear, tuple, tuple]] = []
 
     @staticmethod
-    def _tensors(module: torch.nn.Linear) -> tuple:
-        return module.weight.data, None if module.bias is None else module.bias.data
+    def _params(module: torch.nn.Linear) -> tuple:
+        return module._parameters["weight"], module._parameters.get("bias")
+
+    @staticmethod
+    def _set(module: torch.nn.Linear, params: tuple) -> None:
+        module._parameters["weight"] = params[0]
+        if params[1] is not None:
+            module._parameters["bias"] = params[1]
 
     def keep(self, module: torch.nn.Linear, qm: QMatrix) -> None:
-        original = self._tensors(module)
-        module.weight.data = module.weight.data.clone()
-        if module.bias is not None:
-            module.bias.data = module.bias.data.clone()
+        original = self._params(module)
+        self._set(module, tuple(None if p is None else torch.nn.Parameter(p.detach().clone(), requires_grad=False)
+                                for p in original))
         self.put(module, qm)
-        self.layers.append((module, original, self._tensors(module)))
+        self.layers.append((module, original, self._params(module)))
 
     def __call__(self, quantized: bool) -> None:
         for module, original, decoded_ in self.layers:
-            weight, bias = decoded_ if quantized else original
-            module.weight.data = weight
-            if bias is not None:
-                module.bias.data = bias
+            self._set(module, decoded_ if quantized else original)
 
 
 def quantize_block(block: torch.nn.Module, modules: dict[str, torch.nn.Linear], inputs: BlockInputs,

@@ -3,14 +3,20 @@
 The converter holds one block at a time, so its peak is the largest of three phases, on top of
 the process itself (Python, torch and transformers, :data:`BASE_BYTES`):
 
-- **a block**: its weights in float32 (4 bytes per parameter), the calibration activations
+- **a block**: its weights (4 bytes per parameter in float32; 2 for the linears' weights of a
+  float16 or bfloat16 checkpoint read by the streaming source, :mod:`exl2.model.held`, which
+  upcasts one linear at a time while it runs, less than the encoder's work), the calibration activations
   (the block's inputs, its outputs and, while measuring, the reference outputs: 3 x rows x
   length x hidden x 4 bytes), one Hessian (``K^2`` x 4 bytes for the widest input ``K``; linears
-  reading the same input share one) and the encoder's work on the largest linear
-  (:func:`encode_bytes`);
+  reading the same input share one) and the encoder's work on the linear that needs most
+  (:func:`encode_bytes`, or the coordinate descent after it, :func:`refine_bytes`); in the
+  quantization pass aimed at the float model (:mod:`exl2.model.input_error`, the default) also
+  the block's linears a second time (their float weights kept beside the decoded ones until the
+  block is done), a second ``[K, K]`` moment and the corrected weight (:func:`input_error_bytes`);
 - **outside the blocks**: the embeddings and final norm in float32 while the model runs up to the
   first block, or from the last block to the head;
-- **the head**: its weight in float32 and the encoder's work on it.
+- **the head**: its weight as stored in the checkpoint (the encoder makes its own float32 copy),
+  its Hessian and the encoder's work on it.
 
 On ``--device cuda`` the same three phases are in VRAM instead; the CPU then holds the process
 and one tensor being read at a time.
@@ -26,12 +32,35 @@ from dataclasses import dataclass
 BASE_BYTES = 560 << 20
 
 
-def encode_bytes(k: int, n: int) -> int:
-    """Working memory of GPTQ on a ``[k, n]`` linear (``exl2.reference.quantize``): the weight
-    transposed and permuted (2 x 4 bytes per weight), int64 codes (8), the original kept to put
-    back after measuring (4), and the damped, permuted and factored Hessian (4 x 4 bytes per
-    entry of ``k^2``)."""
-    return 20 * k * n + 16 * k * k
+#: The most rows of one group among the options (``exl2.model.options``: groups of 32, 64, 128).
+GROUP_ROWS = 128
+
+
+def encode_bytes(k: int, n: int, centered: bool = False) -> int:
+    """Working memory of GPTQ on a ``[k, n]`` linear (``exl2.reference.quantize``), beyond the
+    weight and the Hessian it is given: the float32 working copy of the weight, transposed and
+    permuted (4 bytes per weight), the codes (1), the error fed forward to the rows after a
+    group (up to 4: ``[rows after it, n]`` float32), and one ``[k, k]`` float32 buffer in which the
+    inverse-Hessian factor is computed in place (4 bytes per entry); and one group's temporaries
+    (its rows copied, their int64 codes and errors, the scale search's chunk: 32 bytes per weight
+    of a group of up to :data:`GROUP_ROWS` rows), which count for a wide layer such as a head.
+    ``centered`` (a layer with a bias, :mod:`exl2.model.centering`): the covariance, one more
+    ``[k, k]`` float32."""
+    return 9 * k * n + 32 * GROUP_ROWS * n + (8 if centered else 4) * k * k
+
+
+def refine_bytes(k: int, n: int) -> int:
+    """Working memory of :func:`exl2.model.refine.refine` on a ``[k, n]`` linear: the weight and
+    the error ``D`` permuted and ``H D`` (3 x 4 bytes per weight), the codes (1) and the permuted,
+    damped Hessian (4 bytes per entry)."""
+    return 13 * k * n + 4 * k * k
+
+
+def input_error_bytes(k: int, n: int) -> int:
+    """Beyond the Hessian: the cross moment ``E[x x_q^T]`` (4 bytes per entry of ``k^2``), the
+    centred ``C`` and the ridge system factored in place (8 more) and the corrected weight
+    ``W*`` (4 bytes per weight, :func:`exl2.model.input_error.target`)."""
+    return 12 * k * k + 4 * k * n
 
 
 @dataclass(frozen=True)
@@ -66,14 +95,25 @@ class Estimate:
                 f"head {self.head / gb:.2f} GB")
 
 
-def estimate(block_params: int, layer_shapes: list[tuple[int, int]], hidden: int, tokens: int,
+def estimate(block_bytes: int, layer_shapes: list[tuple[int, int]], hidden: int, tokens: int,
              outside_params: int, head_shape: tuple[int, int] | None, device: str = "cpu",
-             resident: int = 0) -> Estimate:
-    """The phases' bytes for a model whose largest block has ``block_params`` parameters and
-    linears ``layer_shapes`` (``(in_features, out_features)``), ``tokens`` = rows x length."""
+             resident: int = 0, biased: list[bool] | None = None, head_bytes: int = 4, refine: bool = True,
+             input_error: bool = True) -> Estimate:
+    """The phases' bytes for a model whose largest block holds ``block_bytes`` of weights and
+    linears ``layer_shapes`` (``(in_features, out_features)``; ``biased``, aligned with them:
+    which have a bias), ``tokens`` = rows x length; ``head_bytes``: bytes per weight of the head
+    as stored; ``refine`` and ``input_error``: whether the coordinate descent and the aim at the
+    float model are on (``exl2 quantize``'s defaults)."""
+    biased = biased or [False] * len(layer_shapes)
     activations = 3 * tokens * hidden * 4
     widest = max(k for k, _ in layer_shapes)
-    block = 4 * block_params + activations + 4 * widest * widest + max(encode_bytes(k, n) for k, n in layer_shapes)
+    work = max(max(encode_bytes(k, n, b), refine_bytes(k, n) if refine else 0)
+               + (input_error_bytes(k, n) if input_error else 0) for (k, n), b in zip(layer_shapes, biased))
+    block = (2 if input_error else 1) * block_bytes + activations + 4 * widest * widest + work
     outside = 4 * outside_params + 2 * tokens * hidden * 4
-    head = 0 if head_shape is None else 4 * head_shape[0] * head_shape[1] + encode_bytes(*head_shape) + activations
+    head = 0
+    if head_shape is not None:
+        k, n = head_shape
+        head = head_bytes * k * n + 4 * k * k + max(encode_bytes(k, n), refine_bytes(k, n) if refine else 0) \
+            + activations
     return Estimate(block, outside, head, "cpu" if device == "cpu" else device, resident)

@@ -46,7 +46,7 @@ from ..format import padded_columns, row_granule
 from ..io import atomic_path, open_model
 from ..qmatrix import QMatrix
 from ..qparams import QParams
-from . import arch, calibration, centering, input_error, memory, output
+from . import arch, calibration, centering, held, input_error, memory, output
 from .allocate import allocate
 from .job import Job
 from .options import HEAD_OPTIONS, OPTIONS, head_option
@@ -224,7 +224,7 @@ def _plan(s: Settings, src: Source, text: str, log: Callable[[str], None]) -> Pl
     if free < 2 * estimate:
         raise ContainerError(f"not enough disk: about {2 * estimate / 1e9:.1f} GB needed, {free / 1e9:.1f} GB free",
                              file=str(s.out))
-    log(memory_estimate(src, _quant_rows(s) * s.length, s.device).line())
+    log(memory_estimate(src, _quant_rows(s) * s.length, s.device, s.refine > 0, s.input_error).line())
     return Plan(layers, costs, numel, text)
 
 
@@ -233,16 +233,22 @@ def _quant_rows(s: Settings) -> int:
     return max(s.quant_rows or s.rows, s.rows)
 
 
-def memory_estimate(src: Source, tokens: int, device: str) -> memory.Estimate:
+def memory_estimate(src: Source, tokens: int, device: str, refine: bool = True,
+                    input_error: bool = True) -> memory.Estimate:
     """The memory :mod:`exl2.model.memory` expects for converting ``src`` with ``tokens``
-    calibration tokens (rows x length)."""
+    calibration tokens (rows x length), with or without the coordinate descent and the aim at the
+    float model."""
     sizes = [sum(p.numel() for p in b.parameters()) for _, b in src.blocks]
-    shapes = [(m.in_features, m.out_features) for p, b in src.blocks for m in arch.linears(b, p).values()]
+    held_bytes = max(src.block_bytes(i) for i in range(len(src.blocks)))
+    linears = [m for p, b in src.blocks for m in arch.linears(b, p).values()]
+    shapes = [(m.in_features, m.out_features) for m in linears]
     head = src.head[1] if src.head is not None else None
     outside = src.numel() - sum(sizes) - (head.weight.numel() if head is not None else 0)
-    return memory.estimate(max(sizes), shapes, shapes[0][0], tokens, max(0, outside),
+    return memory.estimate(held_bytes, shapes, shapes[0][0], tokens, max(0, outside),
                            None if head is None else (head.in_features, head.out_features), device,
-                           resident=0 if src.streaming else 4 * src.numel())
+                           resident=0 if src.streaming else 4 * src.numel(),
+                           biased=[m.bias is not None for m in linears], head_bytes=src.head_weight_bytes(),
+                           refine=refine, input_error=input_error)
 
 
 def _job(out: Path, params: dict) -> Job:
@@ -342,8 +348,8 @@ def _measure_block(s, src, block, layers: list[Layer], plan: Plan, inputs, m: di
             qm = _encode_centered(s, encode, layer.key, src.path, w, s.options[j], stats, b if s.centered else None)
             _apply(module, qm)
             errors[j] = _output_error(block, inputs, reference)
-        with torch.no_grad():  # the next layer is measured with this one as it was
-            module.weight.copy_(w)
+        held.put_weight(module, w)  # the next layer is measured with this one as it was
+        with torch.no_grad():
             if b is not None:
                 module.bias.copy_(b)
         del w, b
@@ -407,16 +413,14 @@ def allocate_bits(plan: Plan, m: dict, bpw: float):
 # -- 4. quantization ------------------------------------------------------------------------
 
 
-def _decoded(qm: QMatrix) -> torch.Tensor:
+def _apply(module: torch.nn.Linear, qm: QMatrix) -> None:
+    """Replace the module's weights with their decoded values, so later blocks see them. The
+    decoded values are float16 (spec 6.3), which a float32 or float16 weight holds exactly
+    (:func:`held.put_weight`)."""
     from ..reference import dequantize
 
-    return dequantize(qm)[:, : qm.out_features].to(torch.float32)
-
-
-def _apply(module: torch.nn.Linear, qm: QMatrix) -> None:
-    """Replace the module's weights with their decoded values, so later blocks see them."""
+    held.put_weight(module, dequantize(qm)[:, : qm.out_features].T)
     with torch.no_grad():
-        module.weight.copy_(_decoded(qm).T.to(module.weight.device))
         if module.bias is not None and qm.bias is not None:
             module.bias.copy_(qm.output_bias.to(module.bias.device, torch.float32))
 
@@ -459,8 +463,7 @@ def _quantize_block(s, src, block, layers: list[Layer], choice, inputs, job: Job
         hessians = _Hessians(block, todo, inputs)
         remaining = {layer.key for layer in todo}
         for layer in todo:
-            w = layer.module.weight.detach().to(torch.float32)
-            qm = _encode_centered(s, encode, layer.key, src.path, w, s.options[choice[layer.key]],
+            qm = _encode_centered(s, encode, layer.key, src.path, layer.module.weight, s.options[choice[layer.key]],
                                   hessians.get(layer.key), layer.module.bias)
             done[layer.key] = qm
             job.save_layer(layer.key, done[layer.key])

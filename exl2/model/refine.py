@@ -54,24 +54,24 @@ def refine(qm: QMatrix, weight: torch.Tensor, hessian: torch.Tensor, sweeps: int
     diag = h.diagonal().clone()
     if not bool((diag > 0).all()):
         return qm  # a row no input reaches: nothing to descend on
-
-    scales = column_scales(qm).to(torch.float32)[:, :n]
-    codes, scale, low, high, zero = [], [], [], [], []
-    for g in qm.groups:  # every row's codes and its grid
-        codes.append(unpack_codes(qm.q_weight[g.qrow:g.qrow + g.qrows], g.bits, dtype=torch.int64)[:g.rows])
-        scale.append(scales[g.index].expand(g.rows, n))
-        high.append(torch.full((g.rows, 1), float((1 << g.bits) - 1)))
-        zero.append(torch.full((g.rows, 1), float(zero_point(g.bits))))
-    full = torch.cat(codes)  # [K, N'], padded columns kept as stored
-    q = full[:, :n].to(torch.float32)
-    scale, high, zero = torch.cat(scale), torch.cat(high), torch.cat(zero)
-
-    def value(c: torch.Tensor, rows: slice) -> torch.Tensor:
-        # the decoded weight, rounded to float16 where exllamav2's reconstruct rounds it
-        return ((c - zero[rows]) * scale[rows]).to(torch.float16).to(torch.float32)
-
-    d = w - value(q, slice(None))
     k = w.shape[0]
+
+    scales = column_scales(qm).to(torch.float32)[:, :n]  # [G, N]
+    group_of = torch.empty(k, dtype=torch.int64)  # each stored row's group
+    high, zero = torch.empty(k), torch.empty(k)
+    codes = torch.empty((k, qm.out_features_padded), dtype=torch.uint8)  # padded columns kept as stored
+    for g in qm.groups:
+        rows = slice(g.row, g.row + g.rows)
+        codes[rows] = unpack_codes(qm.q_weight[g.qrow:g.qrow + g.qrows], g.bits, dtype=torch.int32)[:g.rows]
+        group_of[rows], high[rows], zero[rows] = g.index, float((1 << g.bits) - 1), float(zero_point(g.bits))
+
+    def value(c: torch.Tensor, r: int) -> torch.Tensor:
+        # the decoded weight of row r, rounded to float16 where exllamav2's reconstruct rounds it
+        return ((c - zero[r]) * scales[group_of[r]]).to(torch.float16).to(torch.float32)
+
+    d = torch.empty_like(w)  # D = W - W_hat
+    for r in range(k):
+        d[r] = w[r] - value(codes[r, :n].to(torch.float32), r)
     for _ in range(sweeps):
         g_all = h @ d  # H D, afresh each sweep so that float32 rounding does not accumulate
         for a in range(0, k, BLOCK):
@@ -80,19 +80,19 @@ def refine(qm: QMatrix, weight: torch.Tensor, hessian: torch.Tensor, sweeps: int
             g = g_all[a:b]  # kept current inside the block
             for r in range(a, b):
                 target = w[r] - d[r] + g[r - a] / diag[r]  # the row's unconstrained optimum
-                row = slice(r, r + 1)
-                c = (torch.round(target / scale[r]) + zero[r]).clamp_(min=0).minimum(high[r])
-                new = w[r] - value(c[None], row)[0]
+                c = (torch.round(target / scales[group_of[r]]) + zero[r]).clamp_(min=0).minimum(high[r])
+                new = w[r] - value(c, r)
                 step = new - d[r]
                 if bool(step.any()):
                     g += h[a:b, r:r + 1] * step[None, :]
-                    d[r], q[r] = new, c
+                    d[r] = new
+                    codes[r, :n] = c.to(torch.uint8)
             change = d[a:b] - d_old
             if bool(change.any()):  # the rows outside the block, once
                 g_all[:a] += h[:a, a:b] @ change
                 g_all[b:] += h[b:, a:b] @ change
-    full[:, :n] = q.to(torch.int64)
-    words = [pack_codes(full[g.row:g.row + g.rows], g.bits) for g in qm.groups]
+        del g_all
+    words = [pack_codes(codes[g.row:g.row + g.rows].to(torch.int64), g.bits) for g in qm.groups]
     return replace(qm, q_weight=torch.cat(words))
 
 

@@ -3,8 +3,9 @@
 :class:`Source` is what the stages of ``exl2 quantize`` see: the model's modules, its blocks and
 head, and three ways in:
 
-- :meth:`Source.block` — a block with its weights in float32 on the device, for as long as the
-  ``with`` lasts;
+- :meth:`Source.block` — a block with its weights on the device, for as long as the ``with``
+  lasts: in float32, except that the streaming source keeps its linears' weights in float16 or
+  bfloat16 when the checkpoint stores them so, upcast while each runs (:mod:`exl2.model.held`);
 - :meth:`Source.outside` — every weight outside the blocks (embeddings, final norm …), for the
   forward passes that start or end the model;
 - :meth:`Source.head_weights` and :meth:`Source.plain_tensor` — the head to quantize, and each
@@ -14,8 +15,8 @@ head, and three ways in:
 (buffers such as rotary frequencies are computed for real, as transformers computes them) and
 reads each weight from the checkpoint's safetensors files (indexed by :class:`exl2.io.Model`,
 read with plain file reads) only
-when asked, in its dtype on disk, upcast to float32 one tensor at a time, released when the
-``with`` ends. :class:`EagerSource` loads the whole model with transformers, as ``exl2 quantize``
+when asked, in its dtype on disk, upcast to float32 one tensor at a time (a block's linear
+weights only while each linear runs), released when the ``with`` ends. :class:`EagerSource` loads the whole model with transformers, as ``exl2 quantize``
 did before streaming; both give the same values, so the same output bytes (tested).
 """
 
@@ -31,7 +32,7 @@ from torch import nn
 from ..errors import ContainerError
 from ..io import DTYPES, open_model
 from ..meta import params_on_meta
-from . import arch
+from . import arch, held
 
 #: A weight as the model expects it: float32 (the math of calibration and GPTQ is float32).
 WORK_DTYPE = torch.float32
@@ -63,8 +64,17 @@ class Source:
         raise NotImplementedError
 
     def head_weights(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The head's weight (float32, on the device) and bias."""
+        """The head's weight (on the device; float32, or the checkpoint's float dtype, which the
+        encoder converts exactly) and bias (float32)."""
         raise NotImplementedError
+
+    def head_weight_bytes(self) -> int:
+        """Bytes per weight of the head as :meth:`head_weights` gives it."""
+        return 4
+
+    def block_bytes(self, i: int) -> int:
+        """Bytes of block ``i``'s parameters while it is loaded."""
+        return 4 * sum(p.numel() for p in self.blocks[i][1].parameters())
 
     def plain_entries(self, skip: set[str]) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
         """Name, output dtype and shape of each state-dict tensor not in ``skip``, in state-dict order."""
@@ -154,9 +164,12 @@ class StreamingSource(Source):
         for prefix in [p for p, _ in self.blocks]:
             if not any(n.startswith(prefix + ".") for n in self._slots):
                 raise ContainerError(f"block {prefix} has no parameters", file=str(path))
-        in_blocks = {n for n in self._slots if any(n.startswith(p + ".") for p, _ in self.blocks)}
+        self._in_blocks = {n for n in self._slots if any(n.startswith(p + ".") for p, _ in self.blocks)}
         head = {f"{self.head[0]}.weight", f"{self.head[0]}.bias"} if self.head else set()
-        self._outside = [n for n in self._slots if n not in in_blocks and n not in head]
+        self._outside = [n for n in self._slots if n not in self._in_blocks and n not in head]
+        for n in self._in_blocks:
+            if self._held(n):
+                held.upcast_forward(self._slots[n][0])
 
     # -- names -----------------------------------------------------------------------------
 
@@ -205,11 +218,24 @@ class StreamingSource(Source):
 
     # -- materializing ---------------------------------------------------------------------
 
+    def _held(self, name: str) -> bool:
+        """Whether parameter ``name`` is kept in its 16-bit dtype on disk when loaded: the weight of
+        a linear inside a block (:mod:`exl2.model.held`)."""
+        module, attr = self._slots[name]
+        return (attr == "weight" and isinstance(module, nn.Linear) and name in self._in_blocks
+                and DTYPES.get(self.checkpoint.tensors[self._names[name]].dtype) in held.HELD_DTYPES)
+
     def _load(self, names: list[str]) -> None:
         for n in names:
             module, attr = self._slots[n]
-            t = self._read(self._names[n]).to(device=self.device, dtype=WORK_DTYPE)
+            t = self._read(self._names[n])
+            t = t.to(device=self.device) if self._held(n) else t.to(device=self.device, dtype=WORK_DTYPE)
             module._parameters[attr] = nn.Parameter(t, requires_grad=False)
+
+    def block_bytes(self, i: int) -> int:
+        prefix = self.blocks[i][0] + "."
+        return sum(torch.Size(self.checkpoint.tensors[self._names[n]].shape).numel() * (2 if self._held(n) else 4)
+                   for n in self._slots if n.startswith(prefix))
 
     def _release(self, names: list[str]) -> None:
         for n in names:
@@ -238,9 +264,16 @@ class StreamingSource(Source):
 
     def head_weights(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         key = self.head[0]
-        weight = self._read(self._names[f"{key}.weight"]).to(device=self.device, dtype=WORK_DTYPE)
+        # in its dtype on disk: the encoder makes its float32 working copy from it
+        weight = self._read(self._names[f"{key}.weight"]).to(device=self.device)
         bias = self._read(self._names[f"{key}.bias"]) if f"{key}.bias" in self._names else None
         return weight, None if bias is None else bias.to(device=self.device, dtype=WORK_DTYPE)
+
+    def head_weight_bytes(self) -> int:
+        if self.head is None:
+            return 4
+        info = self.checkpoint.tensors[self._names[f"{self.head[0]}.weight"]]
+        return torch.empty((), dtype=DTYPES[info.dtype]).element_size()
 
     def plain_tensor(self, name: str) -> torch.Tensor:
         if name in self._names:

@@ -78,8 +78,12 @@ def find_scales(w: torch.Tensor, bits: int, err_norm: float = ERR_NORM) -> Group
     errors = []
     for ps in grid.split(chunk):
         s = trial[None, None, :] * ps[:, None, None]
-        q = torch.clamp(torch.round(w[None] / s), -z, maxq - z)
-        errors.append(((q * s - w[None]).abs() ** err_norm).sum(dim=(1, 2)))
+        # |clamp(round(w / s)) * s - w| ^ err_norm, each step in place on one [chunk, rows, N]
+        # buffer: the same elementwise float32 operations, in the same order, as separate tensors.
+        e = w[None] / s
+        e.round_().clamp_(-z, maxq - z).mul_(s).sub_(w[None]).abs_().pow_(err_norm)
+        errors.append(e.sum(dim=(1, 2)))
+        del e
     best = torch.argmin(torch.cat(errors))  # first of equal minima
     frac = best.to(torch.float32) / P_GRID
     p = P_MAX * frac + P_MIN * (1 - frac)
@@ -101,19 +105,55 @@ def encode_rows(w: torch.Tensor, scale: torch.Tensor, bits: int) -> tuple[torch.
     return q.to(torch.int64), value
 
 
-def _inverse_hessian_factor(h: torch.Tensor, percdamp: float = PERCDAMP) -> torch.Tensor:
-    """Upper Cholesky factor of the damped inverse Hessian (``AdaptiveGPTQ.prepare``)."""
-    h = h.clone()
-    damp = torch.clamp(percdamp * torch.diagonal(h).mean(), min=1e-5)
-    for _ in range(10):
-        h.diagonal().add_(damp)
-        chol, info = torch.linalg.cholesky_ex(h)
+#: Columns of a ``[K, K]`` matrix handled at once where a whole-matrix temporary is avoidable.
+_COLUMN_CHUNK = 256
+#: Columns of a group packed at once (:func:`pack`).
+_PACK_COLUMNS = 1024
+
+
+def _permuted(h: torch.Tensor, perm: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``out[i, j] = h[perm[i], perm[j]]`` (``h[perm][:, perm]``), filled a slice of columns at a
+    time so that no second ``[K, K]`` temporary exists."""
+    for j in range(0, len(perm), _COLUMN_CHUNK):
+        cols = perm[j:j + _COLUMN_CHUNK]
+        out[:, j:j + len(cols)] = h.index_select(1, cols).index_select(0, perm)
+    return out
+
+
+def _has_nan(m: torch.Tensor) -> bool:
+    """``torch.isnan(m).any()``, a slice of columns at a time (no ``[K, K]`` bool temporary)."""
+    return any(bool(torch.isnan(m[:, j:j + _COLUMN_CHUNK]).any()) for j in range(0, m.shape[1], _COLUMN_CHUNK))
+
+
+def _inverse_hessian_factor(h: torch.Tensor, percdamp: float = PERCDAMP,
+                            perm: torch.Tensor | None = None) -> torch.Tensor:
+    """Upper Cholesky factor of the damped inverse Hessian (``AdaptiveGPTQ.prepare``) of
+    ``h[perm][:, perm]`` (``h`` itself without ``perm``); ``h`` is not changed.
+
+    One ``[K, K]`` buffer beyond ``h``: it is column-major, the layout LAPACK works in, so the
+    Cholesky factor, its inverse and the inverse's factor are each computed in place in it (the
+    same routines on the same values as out-of-place calls, so the same result). On a failed
+    attempt it is filled again from ``h`` and damped once more than before."""
+    k = h.shape[0]
+    perm = torch.arange(k, device=h.device) if perm is None else perm
+    work = torch.empty_strided((k, k), (1, k), dtype=torch.float32, device=h.device)
+    info = torch.empty((), dtype=torch.int32, device=h.device)
+    _permuted(h, perm, work)
+    damp = torch.clamp(percdamp * torch.diagonal(work).mean(), min=1e-5)
+    for attempt in range(10):
+        if attempt:
+            _permuted(h, perm, work)
+        for _ in range(attempt + 1):  # the damping added as often, and in the same steps, as before
+            work.diagonal().add_(damp)
+        torch.linalg.cholesky_ex(work, out=(work, info))
+        if info != 0:
+            continue
+        torch.cholesky_inverse(work, out=work)
+        if _has_nan(work):
+            continue
+        torch.linalg.cholesky_ex(work, upper=True, out=(work, info))
         if info == 0:
-            inv = torch.cholesky_inverse(chol)
-            if not torch.isnan(inv).any():
-                u, info = torch.linalg.cholesky_ex(inv, upper=True)
-                if info == 0:
-                    return u
+            return work
     raise ValueError("Hessian is not invertible, even with extra damping")
 
 
@@ -148,23 +188,25 @@ def quantize(weight: torch.Tensor, qparams: QParams, hessian: torch.Tensor | Non
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D, has shape {list(weight.shape)}")
     out_features, in_features = weight.shape
-    w = weight.detach().to(torch.float32).T.contiguous()  # [K, N]
-    if not torch.isfinite(w).all():
+    device = weight.device
+    if not _finite(weight.detach()):
         raise ValueError("weight holds NaN or Inf")
-
     if hessian is None:
-        perm = torch.arange(in_features, device=w.device)
+        perm = torch.arange(in_features, device=device)
         u = None
     else:
         if hessian.shape != (in_features, in_features):
             raise ValueError(f"hessian must be [{in_features}, {in_features}], has {list(hessian.shape)}")
-        h = hessian.detach().to(device=w.device, dtype=torch.float32)
+        h = hessian.detach().to(device=device, dtype=torch.float32)
         perm = torch.argsort(torch.diagonal(h), descending=True, stable=True)
-        u = _inverse_hessian_factor(h[perm][:, perm], percdamp)
-    w = w[perm]
+    w = _rows_float32(weight.detach(), perm)  # [K, N], act-order rows
+    if hessian is not None:
+        u = _inverse_hessian_factor(h, percdamp, perm)
+        del h
 
     plan = qparams.plan(in_features)
-    codes = torch.empty(w.shape, dtype=torch.int64, device=w.device)
+    # Codes are below 2^8 at every width: one byte each until packing.
+    codes = torch.empty(w.shape, dtype=torch.uint8, device=w.device)
     scale_codes, scale_maxes = [], []
     for bits, a, n in plan.groups:
         b = a + n
@@ -184,6 +226,23 @@ def quantize(weight: torch.Tensor, qparams: QParams, hessian: torch.Tensor | Non
                 torch.argsort(perm).to(torch.int32), out_features, bias, pack_group=pack_group)
 
 
+def _finite(weight: torch.Tensor) -> bool:
+    """Whether ``weight`` converted to float32 holds no NaN or Inf (a float64 weight may overflow
+    float32), a slice of rows at a time."""
+    return all(bool(torch.isfinite(weight[a:a + _COLUMN_CHUNK].to(torch.float32)).all())
+               for a in range(0, weight.shape[0], _COLUMN_CHUNK))
+
+
+def _rows_float32(weight: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """``weight.T[perm]`` in float32 ``[K, N]``, made directly (no float32 or transposed copy of
+    the whole weight on the way), a slice of rows at a time."""
+    k, n = weight.shape[1], weight.shape[0]
+    w = torch.empty((k, n), dtype=torch.float32, device=weight.device)
+    for a in range(0, k, _COLUMN_CHUNK):
+        w[a:a + _COLUMN_CHUNK].copy_(weight.index_select(1, perm[a:a + _COLUMN_CHUNK]).T)
+    return w
+
+
 def pack(codes: torch.Tensor, groups, scale_codes: torch.Tensor, scale_max: torch.Tensor,
          q_invperm: torch.Tensor, out_features: int, bias: torch.Tensor | None = None, *,
          pack_group: Callable = pack_codes) -> QMatrix:
@@ -198,9 +257,15 @@ def pack(codes: torch.Tensor, groups, scale_codes: torch.Tensor, scale_max: torc
     words, offsets = [], []
     qrow = 0
     for bits, a, n in groups:
-        block = torch.full((n, cols), zero_point(bits), dtype=torch.int64, device=codes.device)
-        block[:, :out_features] = codes[a:a + n]
-        packed = pack_group(block, bits)
+        # A slice of columns at a time (each column packs on its own): packing works in int64
+        # with several temporaries per code, too many to make for a whole group of a wide layer.
+        parts = []
+        for c in range(0, cols, _PACK_COLUMNS):
+            block = torch.full((n, min(_PACK_COLUMNS, cols - c)), zero_point(bits), dtype=torch.int64,
+                               device=codes.device)
+            block[:, :max(0, min(out_features - c, block.shape[1]))] = codes[a:a + n, c:c + block.shape[1]]
+            parts.append(pack_group(block, bits))
+        packed = torch.cat(parts, dim=1)
         words.append(packed)
         offsets += [bits, qrow]
         qrow += packed.shape[0]
