@@ -189,3 +189,12 @@ def test_source_weights_with_nan_are_named(tmp_path):
     assert r.exit_code == 2, r.stderr
     assert "internal error" not in r.output and "model.layers.0" in r.stderr
     assert not out.exists()
+
+
+def test_aim_and_sweeps_are_checked(tmp_path):
+    out = tmp_path / "out"
+    r = quantize("example:minilm", "-o", str(out), "-b", "4.0", "--aim", "sideways")
+    assert r.exit_code == 2 and "--aim must be float or plain" in r.stderr and "Traceback" not in r.output
+    r = quantize("example:minilm", "-o", str(out), "-b", "4.0", "--sweeps", "-1")
+    assert r.exit_code == 2 and "Traceback" not in r.output
+    assert not out.exists()

@@ -3,11 +3,16 @@ local minimum of the layer's quadratic error."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 
 from exl2.format import zero_point
 from exl2.model import refine as refine_mod
+from exl2.model.memory import refine_bytes
 from exl2.model.refine import refine, refined
 from exl2.qparams import QParams
 from exl2.reference import dequantize, quantize
@@ -83,3 +88,37 @@ def test_refined_encoder_without_hessian_is_the_encoder():
     w, _ = layer(64, 32, seed=1)
     assert torch.equal(refined(quantize)(w, OPTIONS[1]).q_weight, quantize(w, OPTIONS[1]).q_weight)
     assert refined(quantize, sweeps=0) is quantize
+
+
+_MEASURE = textwrap.dedent("""
+    import ctypes, sys, torch
+    from exl2 import QParams
+    from exl2.model.refine import refine
+    from exl2.reference import quantize
+    ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # as exl2 quantize: large blocks go back to the system
+    torch.set_num_threads(1)
+    k, n = int(sys.argv[1]), int(sys.argv[2])
+    weight = torch.randn(n, k) * 0.02
+    h = torch.randn(k, k)
+    h = h @ h.T
+    h.diagonal().add_(k)
+    qm = quantize(weight, QParams(32, [4], [1.0]), h)
+    def status(key):
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets the peak (VmHWM) to the current resident set
+    before = status("VmRSS")
+    out = refine(qm, weight, h, sweeps=1)
+    print(status("VmHWM") - before - out.q_weight.numel() * 4)
+""")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc (clear_refs, VmHWM) and uses glibc's mallopt")
+def test_refine_bytes_bounds_the_memory_refine_takes():
+    k, n = 1024, 4096
+    r = subprocess.run([sys.executable, "-c", _MEASURE, str(k), str(n)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    growth, bound = int(r.stdout), refine_bytes(k, n)
+    assert growth <= bound + (24 << 20), (growth, bound)  # the counted buffers, and the allocator's slack
+    assert growth >= 0.6 * bound, (growth, bound)  # and all of them used

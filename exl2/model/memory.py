@@ -51,9 +51,10 @@ def encode_bytes(k: int, n: int, centered: bool = False) -> int:
 
 def refine_bytes(k: int, n: int) -> int:
     """Working memory of :func:`exl2.model.refine.refine` on a ``[k, n]`` linear: the weight and
-    the error ``D`` permuted and ``H D`` (3 x 4 bytes per weight), the codes (1) and the permuted,
-    damped Hessian (4 bytes per entry)."""
-    return 13 * k * n + 4 * k * k
+    the error ``D`` permuted and ``H D`` (3 x 4 bytes per weight), the codes (1), the packed
+    result and the groups' unpacked codes (about 1 more), and the permuted, damped Hessian (4
+    bytes per entry, twice while it is permuted)."""
+    return 14 * k * n + 8 * k * k
 
 
 def input_error_bytes(k: int, n: int) -> int:

@@ -89,8 +89,8 @@ def refine(qm: QMatrix, weight: torch.Tensor, hessian: torch.Tensor, sweeps: int
                     codes[r, :n] = c.to(torch.uint8)
             change = d[a:b] - d_old
             if bool(change.any()):  # the rows outside the block, once
-                g_all[:a] += h[:a, a:b] @ change
-                g_all[b:] += h[b:, a:b] @ change
+                g_all[:a].addmm_(h[:a, a:b], change)  # in place: no [K, N] temporary
+                g_all[b:].addmm_(h[b:, a:b], change)
         del g_all
     words = [pack_codes(codes[g.row:g.row + g.rows].to(torch.int64), g.bits) for g in qm.groups]
     return replace(qm, q_weight=torch.cat(words))
