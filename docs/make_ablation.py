@@ -80,15 +80,13 @@ STEPS: list[tuple[str, str, Recipe]] = [
 ]
 #: What ``exl2 quantize`` ships: the last step.
 SHIPPED = STEPS[-1][2]
-#: Alternatives that did not ship, at two targets per model (the first two on the "centered"
-#: step, before coordinate descent).
+#: Alternatives that did not ship, at two targets per model (on the "centered" step, before
+#: coordinate descent).
 VARIANTS: list[tuple[str, str, Recipe]] = [
     ("damping", "GPTQ damping 0.01 of the mean diagonal (on the covariance step; ships 0.12, exllamav2's)",
      replace(_COVARIANCE, percdamp=0.01)),
     ("err_norm", "scale search on the squared error (on the covariance step; ships |error|^3.5, exllamav2's)",
      replace(_COVARIANCE, err_norm=2.0)),
-    ("final", "shipped, each option measured on the last block's outputs (the rest of the model run per option)",
-     replace(SHIPPED, measure="final")),
 ]
 
 

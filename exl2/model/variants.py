@@ -57,9 +57,7 @@ class Recipe:
     refine: int = 0  #: coordinate-descent sweeps after GPTQ (:mod:`exl2.model.refine`), 0: none
     input_error: bool = False  #: the quantization pass aims at the float model (:mod:`exl2.model.input_error`)
     uniform: QParams | None = None  #: one QParams for every linear: no measurement, no allocation
-    #: "linear" (per linear, block output), "final" (per linear, the last block's output) or
-    #: "slot" (exllamav2's tables)
-    measure: str = "linear"
+    measure: str = "linear"  #: "linear" (per linear, block output) or "slot" (exllamav2's tables)
     options: tuple[QParams, ...] = field(default=OPTIONS)
 
     def measurement_key(self) -> tuple:
@@ -129,31 +127,18 @@ def block_linears(src: Source) -> list[list[tuple[str, torch.nn.Linear]]]:
 
 def measure_linears(src: Source, data, recipe: Recipe, progress: Callable = lambda m: None) -> dict:
     """Per linear and option, the block's relative squared output error with that linear alone
-    quantized (the pipeline's measurement), on the float model's block inputs; with
-    ``recipe.measure == "final"`` the error of the last block's outputs instead (the rest of the
-    model run for every option: what the block's error stands in for)."""
+    quantized (the pipeline's measurement), on the float model's block inputs."""
     errors: dict[str, list[float]] = {}
-    blocks = [b for _, b in src.blocks]
-    inputs = calibration.first_block_inputs(src.model, blocks[0], data, **_model_kwargs(src))
-    final = recipe.measure == "final"
-
-    def outputs(i, x):
-        for b in blocks[i:] if final else blocks[i:i + 1]:
-            x = calibration.run_block(b, x)
-        return x
-
-    for i, ((prefix, block), linears) in enumerate(zip(src.blocks, block_linears(src))):
+    inputs = calibration.first_block_inputs(src.model, src.blocks[0][1], data, **_model_kwargs(src))
+    for (prefix, block), linears in zip(src.blocks, block_linears(src)):
         stats = input_stats(block, dict(linears), inputs)
-        reference = outputs(i, inputs).args
+        reference = calibration.run_block(block, inputs).args
         for key, module in linears:
             saved = (module.weight.detach().clone(), None if module.bias is None else module.bias.detach().clone())
             errors[key] = []
             for opt in recipe.options:
                 put(module, encode(module, opt, stats[key], recipe))
-                out = outputs(i, inputs).args
-                num = sum(float((a[0] - b[0]).to(torch.float64).square().sum()) for a, b in zip(out, reference))
-                den = sum(float(b[0].to(torch.float64).square().sum()) for b in reference)
-                errors[key].append(num / max(den, 1e-30))
+                errors[key].append(output_errors(block, inputs, reference)[0])
                 _restore(module, saved)
             progress(key)
         inputs = calibration.run_block(block, inputs)
@@ -231,7 +216,7 @@ class Converter:
         t0 = time.perf_counter()
         src = self.load()
         data = self.data(src, recipe, recipe.rows)
-        if recipe.measure in ("linear", "final"):
+        if recipe.measure == "linear":
             m = {"errors": measure_linears(src, data, recipe)}
         elif recipe.measure == "slot":
             from .slots import measure_slots
@@ -270,7 +255,7 @@ class Converter:
         layers = self.layers(src)
         t0 = time.perf_counter()
         budgets = [int(self.numel() * b) for b in bpws]
-        if recipe.measure in ("linear", "final"):
+        if recipe.measure == "linear":
             costs = [[o.total_bits(mod.in_features, mod.out_features, mod.bias is not None) for o in recipe.options]
                      for _, mod in layers]
             errors = [m["errors"][k] for k, _ in layers]
