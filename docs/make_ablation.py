@@ -72,7 +72,7 @@ STEPS: list[tuple[str, str, Recipe]] = [
     ("documents", "+ one row per paragraph, special tokens as in use, 32 rows", _DOCS),
     ("quant_rows", "+ all 128 paragraphs for the quantization pass", replace(_DOCS, quant_rows=128)),
     ("centered", "+ GPTQ on the input covariance, bias corrected", _COVARIANCE),
-    ("refine", "+ coordinate descent after GPTQ, 3 sweeps (measured and quantized so)",
+    ("refine", "+ coordinate descent after GPTQ, 3 sweeps (quantization pass)",
      replace(_COVARIANCE, refine=3)),
     ("options", "+ 6 options between 2.4 and 3.3 bits (18 measured)", replace(_COVARIANCE, refine=3, options=OPTIONS)),
     ("input_error", "+ the quantization pass aimed at the float model's outputs",

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -54,7 +54,7 @@ class Recipe:
     percdamp: float = PERCDAMP
     err_norm: float = ERR_NORM
     centered: bool = False
-    refine: int = 0  #: coordinate-descent sweeps after GPTQ (:mod:`exl2.model.refine`), 0: none
+    refine: int = 0  #: coordinate-descent sweeps after GPTQ in the quantization pass (:mod:`exl2.model.refine`)
     input_error: bool = False  #: the quantization pass aims at the float model (:mod:`exl2.model.input_error`)
     uniform: QParams | None = None  #: one QParams for every linear: no measurement, no allocation
     measure: str = "linear"  #: "linear" (per linear, block output) or "slot" (exllamav2's tables)
@@ -63,7 +63,7 @@ class Recipe:
     def measurement_key(self) -> tuple:
         """The fields a measurement depends on."""
         return (self.layout, self.rows, self.length, self.gptq, self.percdamp, self.err_norm, self.centered,
-                self.refine, self.measure, tuple(o.desc() for o in self.options))
+                self.measure, tuple(o.desc() for o in self.options))
 
 
 # -- calibration ------------------------------------------------------------------------------
@@ -127,7 +127,9 @@ def block_linears(src: Source) -> list[list[tuple[str, torch.nn.Linear]]]:
 
 def measure_linears(src: Source, data, recipe: Recipe, progress: Callable = lambda m: None) -> dict:
     """Per linear and option, the block's relative squared output error with that linear alone
-    quantized (the pipeline's measurement), on the float model's block inputs."""
+    quantized (the pipeline's measurement), on the float model's block inputs; with GPTQ alone,
+    as the pipeline measures (no coordinate descent)."""
+    measuring = replace(recipe, refine=0)
     errors: dict[str, list[float]] = {}
     inputs = calibration.first_block_inputs(src.model, src.blocks[0][1], data, **_model_kwargs(src))
     for (prefix, block), linears in zip(src.blocks, block_linears(src)):
@@ -137,7 +139,7 @@ def measure_linears(src: Source, data, recipe: Recipe, progress: Callable = lamb
             saved = (module.weight.detach().clone(), None if module.bias is None else module.bias.detach().clone())
             errors[key] = []
             for opt in recipe.options:
-                put(module, encode(module, opt, stats[key], recipe))
+                put(module, encode(module, opt, stats[key], measuring))
                 errors[key].append(output_errors(block, inputs, reference)[0])
                 _restore(module, saved)
             progress(key)
