@@ -190,18 +190,20 @@ def extrapolate(seconds_per_weight: float, options: int, rows: int, length: int)
         per_block = seconds_per_weight * weights * (options + 1)
         source = 2 * (blocks * (weights + 2 * hidden) + 2 * vocab * hidden + hidden)
 
-        def peak(tokens: int):
-            # linears' weights held in float16 (2 bytes), norms in float32 (4)
+        def peak(tokens: int, plain: bool = False):
+            # linears' weights held in float16 (2 bytes), norms in float32 (4); plain: with
+            # --aim plain --sweeps 0 (GPTQ alone, no float model carried)
             return estimate(2 * weights + 4 * 2 * hidden, shapes, hidden, tokens, vocab * hidden + hidden,
-                            (hidden, vocab), head_bytes=2)
+                            (hidden, vocab), head_bytes=2, refine=not plain, input_error=not plain)
 
-        e, few = peak(128 * 128), peak(rows * length)
+        e, few, plain = peak(128 * 128), peak(rows * length), peak(128 * 128, plain=True)
         out[name] = {"blocks": blocks, "weights_per_block": weights, "source_gb": source / 1e9,
                      "hours_per_block": per_block / 3600, "hours": blocks * per_block / 3600,
                      "quantize_pass_hours": blocks * seconds_per_weight * weights / 3600,
                      "peak_gb": e.cpu / 1e9, "block_gb": e.block / 1e9, "head_gb": e.head / 1e9,
                      "peak_over_source_pct": 100 * e.cpu / source,
-                     "peak_gb_few_rows": few.cpu / 1e9, "peak_over_source_pct_few_rows": 100 * few.cpu / source}
+                     "peak_gb_few_rows": few.cpu / 1e9, "peak_over_source_pct_few_rows": 100 * few.cpu / source,
+                     "peak_gb_plain": plain.cpu / 1e9, "peak_over_source_pct_plain": 100 * plain.cpu / source}
     return out
 
 

@@ -5,10 +5,6 @@ and :func:`exl2.model.memory.encode_bytes` against the memory one encode really 
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import textwrap
-
 import pytest
 import torch
 
@@ -17,6 +13,8 @@ from exl2.model.memory import encode_bytes
 from exl2.reference import encode
 from exl2.reference.encode import P_GRID, P_MAX, P_MIN, PERCDAMP, decoded_scales, encode_rows, gptq_group, pack
 from exl2.format import zero_point
+
+from . import peak_memory
 
 QPARAMS = [
     QParams(32, [4], [1.0]),
@@ -150,37 +148,25 @@ def test_nan_in_the_weight_is_refused_before_a_hessian_of_the_wrong_shape():
 
 # -- memory -------------------------------------------------------------------------------------
 
-_MEASURE = textwrap.dedent("""
-    import ctypes, sys, torch
+_SETUP = """
     from exl2 import QParams
     from exl2.model.options import head_option
     from exl2.reference import quantize
-    ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # as exl2 quantize: large blocks go back to the system
-    torch.set_num_threads(1)
     k, n = int(sys.argv[1]), int(sys.argv[2])
     weight = torch.randn(n, k) * 0.02
     h = torch.randn(k, k)
     h = h @ h.T
     h.diagonal().add_(k)
-    def status(key):
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets the peak (VmHWM) to the current resident set
-    before = status("VmRSS")
-    quantize(weight, QParams(32, [4], [1.0]) if sys.argv[3] == "block" else head_option(6), h)
-    print(status("VmHWM") - before)
-""")
+"""
 
 
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc (clear_refs, VmHWM) and uses glibc's mallopt")
+@pytest.mark.skipif(not peak_memory.SUPPORTED, reason="reads /proc (clear_refs, VmHWM) and uses glibc's mallopt")
 @pytest.mark.parametrize("k, n, option", [(2048, 4096, "block"), (512, 16384, "head")])  # head: wide, groups of 128
 def test_encode_bytes_bounds_the_memory_one_encode_takes(k, n, option):
-    r = subprocess.run([sys.executable, "-c", _MEASURE, str(k), str(n), option], capture_output=True, text=True,
-                       timeout=600)
-    assert r.returncode == 0, r.stderr
-    growth = int(r.stdout)  # the peak resident set during the encode, above the set before it
+    growth = peak_memory.growth(_SETUP, """
+        quantize(weight, QParams(32, [4], [1.0]) if sys.argv[3] == "block" else head_option(6), h)
+        KEPT = 0
+    """, k, n, option)  # the peak resident set during the encode, above the set before it
     bound = encode_bytes(k, n)
     # The formula counts the large buffers; 24 MB covers the scale search's chunk (16 MB) and
     # the allocator's slack. It should not be loose either: the buffers it counts are all used.

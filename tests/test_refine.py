@@ -3,10 +3,6 @@ local minimum of the layer's quadratic error."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import textwrap
-
 import pytest
 import torch
 
@@ -16,6 +12,8 @@ from exl2.model.memory import refine_bytes
 from exl2.model.refine import refine, refined
 from exl2.qparams import QParams
 from exl2.reference import dequantize, quantize
+
+from . import peak_memory
 
 OPTIONS = [QParams(64, [3, 2], [0.25, 0.75]), QParams(32, [4], [1.0]), QParams(32, [6, 5, 4], [0.25, 0.25, 0.5])]
 
@@ -90,35 +88,23 @@ def test_refined_encoder_without_hessian_is_the_encoder():
     assert refined(quantize, sweeps=0) is quantize
 
 
-_MEASURE = textwrap.dedent("""
-    import ctypes, sys, torch
-    from exl2 import QParams
-    from exl2.model.refine import refine
-    from exl2.reference import quantize
-    ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # as exl2 quantize: large blocks go back to the system
-    torch.set_num_threads(1)
-    k, n = int(sys.argv[1]), int(sys.argv[2])
-    weight = torch.randn(n, k) * 0.02
-    h = torch.randn(k, k)
-    h = h @ h.T
-    h.diagonal().add_(k)
-    qm = quantize(weight, QParams(32, [4], [1.0]), h)
-    def status(key):
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets the peak (VmHWM) to the current resident set
-    before = status("VmRSS")
-    out = refine(qm, weight, h, sweeps=1)
-    print(status("VmHWM") - before - out.q_weight.numel() * 4)
-""")
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc (clear_refs, VmHWM) and uses glibc's mallopt")
+@pytest.mark.skipif(not peak_memory.SUPPORTED, reason="reads /proc (clear_refs, VmHWM) and uses glibc's mallopt")
 def test_refine_bytes_bounds_the_memory_refine_takes():
     k, n = 1024, 4096
-    r = subprocess.run([sys.executable, "-c", _MEASURE, str(k), str(n)], capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr
-    growth, bound = int(r.stdout), refine_bytes(k, n)
+    growth = peak_memory.growth("""
+        from exl2 import QParams
+        from exl2.model.refine import refine
+        from exl2.reference import quantize
+        k, n = int(sys.argv[1]), int(sys.argv[2])
+        weight = torch.randn(n, k) * 0.02
+        h = torch.randn(k, k)
+        h = h @ h.T
+        h.diagonal().add_(k)
+        qm = quantize(weight, QParams(32, [4], [1.0]), h)
+    """, """
+        out = refine(qm, weight, h, sweeps=1)
+        KEPT = out.q_weight.numel() * 4  # the result's words stay
+    """, k, n)
+    bound = refine_bytes(k, n)
     assert growth <= bound + (24 << 20), (growth, bound)  # the counted buffers, and the allocator's slack
     assert growth >= 0.6 * bound, (growth, bound)  # and all of them used

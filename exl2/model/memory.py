@@ -53,15 +53,17 @@ def refine_bytes(k: int, n: int) -> int:
     """Working memory of :func:`exl2.model.refine.refine` on a ``[k, n]`` linear: the weight and
     the error ``D`` permuted and ``H D`` (3 x 4 bytes per weight), the codes (1), the packed
     result and the groups' unpacked codes (about 1 more), and the permuted, damped Hessian (4
-    bytes per entry, twice while it is permuted)."""
-    return 14 * k * n + 8 * k * k
+    bytes per entry)."""
+    return 14 * k * n + 4 * k * k
 
 
-def input_error_bytes(k: int, n: int) -> int:
-    """Beyond the Hessian: the cross moment ``E[x x_q^T]`` (4 bytes per entry of ``k^2``), the
-    centred ``C`` and the ridge system factored in place (8 more) and the corrected weight
-    ``W*`` (4 bytes per weight, :func:`exl2.model.input_error.target`)."""
-    return 12 * k * k + 4 * k * n
+def input_error_bytes(k: int, n: int, centered: bool = False) -> int:
+    """Held beside the encoder's work, beyond the Hessian: the cross moment ``E[x x_q^T]`` (4
+    bytes per entry of ``k^2``), the centred ``C`` for a layer with a bias (4 more) and the
+    corrected weight ``W*`` (4 bytes per weight, :func:`exl2.model.input_error.target`; the ridge
+    system it solves is factored in place before the encoder starts, so it is not counted on top
+    of the encoder's work, which is larger)."""
+    return (8 if centered else 4) * k * k + 4 * k * n
 
 
 @dataclass(frozen=True)
@@ -109,7 +111,7 @@ def estimate(block_bytes: int, layer_shapes: list[tuple[int, int]], hidden: int,
     activations = 3 * tokens * hidden * 4
     widest = max(k for k, _ in layer_shapes)
     work = max(max(encode_bytes(k, n, b), refine_bytes(k, n) if refine else 0)
-               + (input_error_bytes(k, n) if input_error else 0) for (k, n), b in zip(layer_shapes, biased))
+               + (input_error_bytes(k, n, b) if input_error else 0) for (k, n), b in zip(layer_shapes, biased))
     block = (2 if input_error else 1) * block_bytes + activations + 4 * widest * widest + work
     outside = 4 * outside_params + 2 * tokens * hidden * 4
     head = 0

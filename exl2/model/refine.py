@@ -49,7 +49,9 @@ def refine(qm: QMatrix, weight: torch.Tensor, hessian: torch.Tensor, sweeps: int
     n = qm.out_features
     perm = qm.q_perm.to(torch.int64)
     w = weight.detach().to(torch.float32).T[perm]  # [K, N], stored (act-order) rows
-    h = hessian.detach().to(torch.float32)[perm][:, perm]
+    h = torch.empty((len(perm), len(perm)))  # permuted a slice of rows at a time: one [K, K] buffer
+    for a in range(0, len(perm), 1024):
+        h[a:a + 1024] = hessian.detach()[perm[a:a + 1024]].to(torch.float32)[:, perm]
     h.diagonal().add_(damp * h.diagonal().mean())
     diag = h.diagonal().clone()
     if not bool((diag > 0).all()):
