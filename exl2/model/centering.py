@@ -65,6 +65,12 @@ def encode(encoder: Callable, weight: torch.Tensor, qparams: QParams, stats: Lin
     del covariance
     w = weight.to(torch.float32)
     shift = (w - decoded(qm).T.to(w.device)) @ stats.mean.to(w.device)
-    corrected = qm.bias.clone()  # stored padded to q_weight's columns (spec 3.3): the padding stays 0
-    corrected[: qm.out_features] = (bias.detach().to(torch.float32) + shift).to(corrected.device, torch.float16)
+    return with_bias(qm, bias.detach().to(torch.float32) + shift)
+
+
+def with_bias(qm: QMatrix, values: torch.Tensor) -> QMatrix:
+    """``qm`` storing ``values`` (``[out_features]``) as its bias, in float16, padded like
+    ``qm.bias`` to q_weight's columns (spec 3.3; the padding stays 0)."""
+    corrected = qm.bias.clone()
+    corrected[: qm.out_features] = values.to(corrected.device, torch.float16)
     return replace(qm, bias=corrected)

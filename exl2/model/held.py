@@ -39,3 +39,14 @@ def put_weight(module: nn.Linear, values: torch.Tensor) -> None:
             w.copy_(values.to(w.device))
     else:
         module._parameters["weight"] = nn.Parameter(values.to(w.device).contiguous(), requires_grad=False)
+
+
+def put_decoded(module: nn.Linear, qm) -> None:
+    """The module computes with ``qm``'s decoded weights (float16 values, spec 6.3, which a
+    float32 or float16 weight holds exactly: :func:`put_weight`) and its stored bias from now on."""
+    from ..reference import dequantize
+
+    put_weight(module, dequantize(qm)[:, : qm.out_features].T)
+    with torch.no_grad():
+        if module.bias is not None and qm.bias is not None:
+            module.bias.copy_(qm.output_bias.to(module.bias.device, torch.float32))

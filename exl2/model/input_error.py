@@ -23,14 +23,14 @@ weight before GPTQ rather than inside GPTQ's column loop. The file format does n
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
 from ..qmatrix import QMatrix
 from ..qparams import QParams
-from .calibration import BlockInputs, _Stop
-from .centering import decoded
+from .calibration import BlockInputs, _Stop, input_groups
+from .centering import decoded, with_bias
 
 #: Ridge of ``W*``, a fraction of the mean diagonal of ``C`` (measured on MiniLM from 0.1 to 3:
 #: 0.3 to 1 best; docs/quantizing.md).
@@ -140,9 +140,7 @@ def encode(encoder: Callable, weight: torch.Tensor, qparams: QParams, stats: Cro
         return qm
     w = weight.detach().to(torch.float32)
     shift = w @ stats.mean - decoded(qm).T.to(w.device) @ stats.mean_q
-    corrected = qm.bias.clone()  # padded to q_weight's columns (spec 3.3): the padding stays 0
-    corrected[: qm.out_features] = (bias.detach().to(torch.float32) + shift).to(corrected.device, torch.float16)
-    return replace(qm, bias=corrected)
+    return with_bias(qm, bias.detach().to(torch.float32) + shift)
 
 
 class _Swap:
@@ -188,8 +186,6 @@ def quantize_block(block: torch.nn.Module, modules: dict[str, torch.nn.Linear], 
     ``saved(key)`` when it is already done) and ``put`` once the whole group is encoded. So GPTQ
     also makes up for the error of the block's earlier linears. On return every linear computes
     with its decoded weights; the float ones are dropped."""
-    from .calibration import input_groups
-
     swap = _Swap(put)
     done: dict[str, QMatrix] = {}
     for group in input_groups(block, modules, inputs):

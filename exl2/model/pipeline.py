@@ -18,9 +18,11 @@ loaded at once with ``Settings(streaming=False)``, which gives the same bytes):
    (numel: the quantized weights of the blocks; the head is quantized at ``--head-bits`` outside
    the budget, as exllamav2 does).
 4. **Quantization** (:func:`quantize_pass`): block by block again, each block's Hessians computed
-   from the outputs of the already-quantized blocks before it, GPTQ with the chosen option, the
-   block's weights replaced by their decoded values before its outputs feed the next block; then
-   the head, from the last block's outputs.
+   from the outputs of the already-quantized blocks before it, GPTQ with the chosen option, aimed
+   at the float model's outputs (``Settings.input_error``, :mod:`exl2.model.input_error`) and
+   followed by coordinate descent (``Settings.refine``, :mod:`exl2.model.refine`), the block's
+   weights replaced by their decoded values before its outputs feed the next block; then the
+   head, from the last block's outputs.
 5. **Output** (:func:`write_output`), atomically and tensor by tensor: ``config.json`` with
    ``quantization_config``, the weights in ``output.safetensors`` (or
    ``output-0000N-of-0000M.safetensors`` shards), other files copied.
@@ -416,16 +418,8 @@ def allocate_bits(plan: Plan, m: dict, bpw: float):
 # -- 4. quantization ------------------------------------------------------------------------
 
 
-def _apply(module: torch.nn.Linear, qm: QMatrix) -> None:
-    """Replace the module's weights with their decoded values, so later blocks see them. The
-    decoded values are float16 (spec 6.3), which a float32 or float16 weight holds exactly
-    (:func:`held.put_weight`)."""
-    from ..reference import dequantize
-
-    held.put_weight(module, dequantize(qm)[:, : qm.out_features].T)
-    with torch.no_grad():
-        if module.bias is not None and qm.bias is not None:
-            module.bias.copy_(qm.output_bias.to(module.bias.device, torch.float32))
+#: Replace a module's weights with their decoded values, so later blocks see them.
+_apply = held.put_decoded
 
 
 def quantize_pass(s: Settings, src: Source, layers: list[Layer], choice: dict[str, int], data, job: Job,

@@ -62,18 +62,17 @@ def refine(qm: QMatrix, weight: torch.Tensor, hessian: torch.Tensor, sweeps: int
     group_of = torch.empty(k, dtype=torch.int64)  # each stored row's group
     high, zero = torch.empty(k), torch.empty(k)
     codes = torch.empty((k, qm.out_features_padded), dtype=torch.uint8)  # padded columns kept as stored
+
+    def value(c: torch.Tensor, r) -> torch.Tensor:
+        # decoded weights of row(s) r, rounded to float16 where exllamav2's reconstruct rounds them
+        return ((c - zero[r, None]) * scales[group_of[r]]).to(torch.float16).to(torch.float32)
+
+    d = torch.empty_like(w)  # D = W - W_hat
     for g in qm.groups:
         rows = slice(g.row, g.row + g.rows)
         codes[rows] = unpack_codes(qm.q_weight[g.qrow:g.qrow + g.qrows], g.bits, dtype=torch.int32)[:g.rows]
         group_of[rows], high[rows], zero[rows] = g.index, float((1 << g.bits) - 1), float(zero_point(g.bits))
-
-    def value(c: torch.Tensor, r: int) -> torch.Tensor:
-        # the decoded weight of row r, rounded to float16 where exllamav2's reconstruct rounds it
-        return ((c - zero[r]) * scales[group_of[r]]).to(torch.float16).to(torch.float32)
-
-    d = torch.empty_like(w)  # D = W - W_hat
-    for r in range(k):
-        d[r] = w[r] - value(codes[r, :n].to(torch.float32), r)
+        d[rows] = w[rows] - value(codes[rows, :n].to(torch.float32), rows)
     for _ in range(sweeps):
         g_all = h @ d  # H D, afresh each sweep so that float32 rounding does not accumulate
         for a in range(0, k, BLOCK):

@@ -34,9 +34,9 @@ from ..qmatrix import QMatrix
 from ..qparams import QParams
 from ..reference import quantize as reference_quantize
 from ..reference.encode import ERR_NORM, PERCDAMP
-from . import arch, calibration, centering, input_error
+from . import arch, calibration, centering, held, input_error
 from .allocate import allocate
-from .centering import LinearStats, decoded, input_stats
+from .centering import LinearStats, decoded, input_stats  # noqa: F401 (decoded: used by the tests through here)
 from .options import OPTIONS
 from .refine import refined
 from .source import Source
@@ -83,12 +83,8 @@ def encode(module: torch.nn.Linear, qparams: QParams, stats: LinearStats | None,
                             centered=recipe.centered, percdamp=recipe.percdamp, err_norm=recipe.err_norm)
 
 
-def put(module: torch.nn.Linear, qm: QMatrix) -> None:
-    """The module computes with the decoded weights (and stored bias) from now on."""
-    with torch.no_grad():
-        module.weight.copy_(decoded(qm).T)
-        if module.bias is not None and qm.bias is not None:
-            module.bias.copy_(qm.output_bias.to(torch.float32))
+#: The module computes with the decoded weights (and stored bias) from now on, as in the pipeline.
+put = held.put_decoded
 
 
 def output_errors(block, inputs: calibration.BlockInputs, reference: list[tuple]) -> tuple[float, float]:
