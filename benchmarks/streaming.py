@@ -1,12 +1,14 @@
 """Streaming conversion benchmark: peak RSS of ``exl2 quantize`` against the source's size, and
 flat in the number of blocks.
 
-    nice -n 10 flock /tmp/exl2-heavy.lock python benchmarks/streaming.py   # the runs of docs/quantizing.md
+    nice -n 10 flock /tmp/exl2-heavy.lock python benchmarks/streaming.py --plain  # the runs of docs/quantizing.md
     python benchmarks/streaming.py --hidden 256 --intermediate 512 --heads 8 --kv-heads 8 --vocab 512 \
         --blocks 2,4 --no-record                                               # a quick try
 
 The defaults are 4 and 16 blocks of llama-2-7b's shapes (7 GB of float16 at 16 blocks), with 2
-calibration rows of 128 tokens in both passes: about 100 s per block on two cores.
+calibration rows of 128 tokens in both passes: with ``--plain`` (``exl2 quantize --aim plain
+--sweeps 0``, GPTQ alone) about 100 s per block on two cores; with the converter's defaults (the
+aim at the float model and three sweeps of coordinate descent) several times that.
 
 For each block count a synthetic llama is written to disk (random float16 weights, shard by
 shard, never held whole), converted at 4.0 bpw by ``exl2 quantize`` in a child process whose
@@ -108,7 +110,8 @@ def write_llama(folder: Path, hidden: int, intermediate: int, blocks: int, heads
 
 def write_measurement(src: Path, path: Path) -> None:
     """A measurement.json for ``src`` with the default options: exact costs, and errors that fall
-    as 4^-bpw (so the allocator trades bits for error as with a real measurement)."""
+    as 4^-bpw (so the allocator trades bits for error as with a real measurement), every block
+    weighted 1."""
     from exl2.model import arch
     from exl2.model.options import OPTIONS
     from exl2.model.pipeline import Layer, cost, fits
@@ -123,7 +126,10 @@ def write_measurement(src: Path, path: Path) -> None:
                 costs = [cost(o, layer) for o in OPTIONS]
                 layers[key] = {"shape": [k, n], "costs": costs,
                                "errors": [4.0 ** -(c / (k * n)) if fits(o, k) else None for o, c in zip(OPTIONS, costs)]}
-    path.write_text(json.dumps({"options": [o.desc() for o in OPTIONS], "layers": layers}))
+        blocks = len(s.blocks)
+    # flat block weights: the output probe (exl2.model.sensitivity) is part of measuring, skipped here
+    path.write_text(json.dumps({"options": [o.desc() for o in OPTIONS], "layers": layers,
+                                "block_weights": [1.0] * blocks}))
 
 
 def block_seconds(log: Path, phase: str = "quantize") -> list[float]:
@@ -141,10 +147,11 @@ def child_threads() -> int:
     return int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1)
 
 
-def convert(src: Path, out: Path, rows: int, length: int, measure: bool, work: Path, timeout: float | None = None) -> dict:
+def convert(src: Path, out: Path, rows: int, length: int, measure: bool, work: Path, timeout: float | None = None,
+            extra: tuple[str, ...] = ()) -> dict:
     # the quantization pass takes as many rows as the measurement (its default is 128)
     cmd = [sys.executable, "-m", "exl2.cli", "quantize", str(src), "-o", str(out), "-b", "4.0", "--rows", str(rows),
-           "--quant-rows", str(rows), "--length", str(length), "--device", "cpu"]
+           "--quant-rows", str(rows), "--length", str(length), "--device", "cpu", *extra]
     if not measure:
         write_measurement(src, work / "measurement.json")
         cmd += ["--measurement", str(work / "measurement.json")]
@@ -159,8 +166,10 @@ def convert(src: Path, out: Path, rows: int, length: int, measure: bool, work: P
     from exl2.model.pipeline import memory_estimate
     from exl2.model.source import open_source
 
+    plain = "--aim" in extra and extra[extra.index("--aim") + 1] == "plain"
+    no_sweeps = "--sweeps" in extra and extra[extra.index("--sweeps") + 1] == "0"
     with open_source(str(src)) as source:
-        estimate = memory_estimate(source, rows * length, "cpu").cpu
+        estimate = memory_estimate(source, rows * length, "cpu", refine=not no_sweeps, input_error=not plain).cpu
         block_weights = sum(m.weight.numel() for m in source.blocks[0][1].modules() if isinstance(m, torch.nn.Linear))
     return {"peak_rss_bytes": peak, "estimate_bytes": estimate, "seconds": round(seconds, 1),
             "seconds_per_block": round(sum(per_block) / len(per_block), 1) if per_block else None,
@@ -218,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rows", type=int, default=2)
     ap.add_argument("--length", type=int, default=128)
     ap.add_argument("--measure", action="store_true", help="run the measurement pass too")
+    ap.add_argument("--plain", action="store_true",
+                    help="convert with --aim plain --sweeps 0 (GPTQ alone: no float model carried, no coordinate descent)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/stream-bench"))
     ap.add_argument("--no-record", action="store_true", help="do not write docs/results/streaming.*")
     ap.add_argument("--summarize", action="store_true",
@@ -227,7 +238,9 @@ def main(argv: list[str] | None = None) -> int:
         record(summarize(json.loads((RESULTS / "streaming.json").read_text())))
         return 0
     shapes = {"hidden": a.hidden, "intermediate": a.intermediate, "heads": a.heads, "kv_heads": a.kv_heads,
-              "vocab": a.vocab, "rows": a.rows, "length": a.length, "measured": a.measure}
+              "vocab": a.vocab, "rows": a.rows, "length": a.length, "measured": a.measure,
+              "settings": "--aim plain --sweeps 0" if a.plain else "defaults"}
+    extra = ("--aim", "plain", "--sweeps", "0") if a.plain else ()
     runs = []
     for blocks in [int(b) for b in a.blocks.split(",")]:
         work = a.work / f"b{blocks}"
@@ -237,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
             src = work / f"llama-{blocks}"
             size = write_llama(src, a.hidden, a.intermediate, blocks, a.heads, a.kv_heads, a.vocab)
             r = {"blocks": blocks, "source_bytes": size}
-            r.update(convert(src, work / "out", a.rows, a.length, a.measure, work))
+            r.update(convert(src, work / "out", a.rows, a.length, a.measure, work, extra=extra))
             r["peak_over_source"] = round(r["peak_rss_bytes"] / size, 4)
             runs.append(r)
             print(json.dumps(r), flush=True)

@@ -77,6 +77,8 @@ STEPS: list[tuple[str, str, Recipe]] = [
     ("options", "+ 6 options between 2.4 and 3.3 bits (18 measured)", replace(_COVARIANCE, refine=3, options=OPTIONS)),
     ("input_error", "+ the quantization pass aimed at the float model's outputs",
      replace(_COVARIANCE, refine=3, options=OPTIONS, input_error=True)),
+    ("sensitivity", "+ each block's errors weighted by how much of them reaches the output (probe)",
+     replace(_COVARIANCE, refine=3, options=OPTIONS, input_error=True, sensitivity=True)),
 ]
 #: What ``exl2 quantize`` ships: the last step.
 SHIPPED = STEPS[-1][2]
@@ -398,9 +400,10 @@ def summary(model: Model) -> dict:
 def check_shipped() -> None:
     """The shipped recipe here is what ``exl2 quantize`` runs by default."""
     d = Settings(src="", out=Path("."), bpw=4.0)
-    got = (d.layout, d.rows, d.length, d.quant_rows, d.centered, d.refine, d.input_error, [o.desc() for o in d.options])
+    got = (d.layout, d.rows, d.length, d.quant_rows, d.centered, d.refine, d.input_error, d.sensitivity,
+           [o.desc() for o in d.options])
     want = (SHIPPED.layout, SHIPPED.rows, SHIPPED.length, SHIPPED.quant_rows, SHIPPED.centered, SHIPPED.refine,
-            SHIPPED.input_error, [o.desc() for o in SHIPPED.options])
+            SHIPPED.input_error, SHIPPED.sensitivity, [o.desc() for o in SHIPPED.options])
     if got != want:
         raise SystemExit(f"pipeline defaults {got} differ from the ablation's shipped recipe {want}")
 

@@ -3,12 +3,16 @@ least-squares solution, checked against torch.linalg.lstsq on the rows themselve
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from exl2.model import input_error
+from exl2.model.memory import encode_bytes, input_error_bytes
 from exl2.model.calibration import BlockInputs
 from exl2.qparams import QParams
 from exl2.reference import dequantize, quantize
+
+from . import peak_memory
 
 
 def rows(n: int, k: int, seed: int):
@@ -72,3 +76,60 @@ def test_cross_moments_of_one_stream_are_its_hessian():
     with torch.no_grad():
         h = torch.cat([torch.nn.functional.gelu(block[0](a[0])).reshape(-1, 12) for a in xs.args])
     assert torch.allclose(s.hessian, h.T @ h / len(h), atol=1e-5)
+
+
+def test_the_cross_moment_is_released_by_the_last_linear_of_its_group():
+    """q and k read one input, o another: each group's E[x x_q^T] is there for every linear that
+    needs it and released by the group's last, before its encoder runs."""
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.k, self.o = torch.nn.Linear(32, 32), torch.nn.Linear(32, 32), torch.nn.Linear(32, 32)
+
+        def forward(self, x):
+            return x + self.o(self.q(x) * self.k(x))
+
+    block = Block()
+    modules = {"q": block.q, "k": block.k, "o": block.o}
+    xs = BlockInputs([(torch.randn(1, 64, 32),) for _ in range(2)], [{} for _ in range(2)])
+    seen = []
+
+    def encode_one(key, stats):
+        seen.append((key, stats.cross is not None, stats.last_use))
+        qm = input_error.encode(quantize, modules[key].weight, QParams(32, [4], [1.0]), stats, modules[key].bias)
+        seen.append((key, stats.cross is not None))
+        return qm
+    input_error.quantize_block(block, modules, xs, xs, encode_one, lambda m, qm: None)
+    assert seen == [("q", True, False), ("q", True), ("k", True, True), ("k", False),
+                    ("o", True, True), ("o", False)]
+
+
+@pytest.mark.skipif(not peak_memory.SUPPORTED, reason="reads /proc (clear_refs, VmHWM) and uses glibc's mallopt")
+def test_input_error_bytes_bound_the_memory_of_the_last_linear_of_a_group():
+    """The cross moment made and released inside the measured code: the peak stays within the
+    formula for a linear alone in its group; held to the end, it would not."""
+    k = n = 2048
+    setup = """
+        from exl2 import QParams
+        from exl2.model import input_error
+        from exl2.reference import quantize
+        k, n, release = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "1"
+        weight = torch.randn(n, k) * 0.02
+        h = torch.randn(k, k)
+        h = h @ h.T / k
+        h.diagonal().add_(1.0)
+    """
+    measured = """
+        stats = input_error.CrossStats(h, h * 0.9, torch.zeros(k), torch.zeros(k), last_use=release)
+        qm = input_error.encode(quantize, weight, QParams(32, [4], [1.0]), stats, None)
+        KEPT = qm.q_weight.numel() * 4  # the result's words stay
+    """
+    released = peak_memory.growth(setup, measured, k, n, 1)
+    kept = peak_memory.growth(setup, measured, k, n, 0)
+    bound = encode_bytes(k, n) + input_error_bytes(k, n, shared=False)
+    # as test_encode_lean's bound: 24 MB for the scale search's chunk and the allocator's slack
+    assert released <= bound + (24 << 20), (released, bound)
+    assert released >= 0.6 * bound, (released, bound)
+    assert kept > released + 2 * k * k, (kept, released)  # the release is what keeps it within the bound
+    assert kept <= encode_bytes(k, n) + input_error_bytes(k, n, shared=True) + (24 << 20), kept

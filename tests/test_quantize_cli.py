@@ -191,10 +191,13 @@ def test_source_weights_with_nan_are_named(tmp_path):
     assert not out.exists()
 
 
-def test_aim_and_sweeps_are_checked(tmp_path):
+def test_aim_sweeps_and_weigh_are_checked(tmp_path):
     out = tmp_path / "out"
     r = quantize("example:minilm", "-o", str(out), "-b", "4.0", "--aim", "sideways")
     assert r.exit_code == 2 and "--aim must be float or plain" in r.stderr and "Traceback" not in r.output
     r = quantize("example:minilm", "-o", str(out), "-b", "4.0", "--sweeps", "-1")
     assert r.exit_code == 2 and "Traceback" not in r.output
+    r = quantize("example:minilm", "-o", str(out), "-b", "4.0", "--weigh", "<b>all</b>")
+    assert r.exit_code == 2 and "--weigh must be output or block, not '<b>all</b>'" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.output
     assert not out.exists()

@@ -68,6 +68,9 @@ def quantize_cmd(
                                min=0, max=100),
     aim: str = typer.Option("float", "--aim", help="float: the quantization pass aims every layer at the float "
                             "model's outputs; plain: at its own outputs on the quantized model's inputs (GPTQ as usual)"),
+    weigh: str = typer.Option("output", "--weigh", help="output: each block's measured errors weighted by how much "
+                              "of them reaches the last block's outputs (a probe on 8 rows); block: as measured, as "
+                              "exllamav2 allocates"),
     loader: str = typer.Option("stream", "--loader", help="stream: one block at a time from disk; eager: the whole "
                                "model through transformers (for checkpoints whose names the streaming loader cannot map)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace OUT if it exists (only once the new one is complete)"),
@@ -90,13 +93,16 @@ def quantize_cmd(
         raise fail(f"--loader must be stream or eager, not {loader!r}", 2)
     if aim not in ("float", "plain"):
         raise fail(f"--aim must be float or plain, not {aim!r}", 2)
+    if weigh not in ("output", "block"):
+        raise fail(f"--weigh must be output or block, not {weigh!r}", 2)
     if device == "auto":
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
     settings = Settings(src=src, out=out, bpw=bpw, head_bits=head_bits, calibration=calibration, rows=rows,
                         quant_rows=quant_rows, length=length, measurement=measurement, device=device, overwrite=overwrite,
-                        streaming=loader == "stream", refine=sweeps, input_error=aim == "float")
+                        streaming=loader == "stream", refine=sweeps, input_error=aim == "float",
+                        sensitivity=weigh == "output")
     progress = _bar if sys.stderr.isatty() else log_lines(_note)
     _map_large_allocations()
     try:

@@ -50,3 +50,31 @@ def put_decoded(module: nn.Linear, qm) -> None:
     with torch.no_grad():
         if module.bias is not None and qm.bias is not None:
             module.bias.copy_(qm.output_bias.to(module.bias.device, torch.float32))
+
+
+def compute_decoded(encodings: list[tuple[nn.Linear, object]]):
+    """Until the returned function is called, each module computes with its encoding's decoded
+    weights (and stored bias, as :func:`put_decoded` would put them), decoded anew for every
+    forward: its own weights stay as they are and are not copied, so a whole block can run
+    quantized while holding one decoded linear at a time."""
+    from ..reference import dequantize
+
+    previous = []
+    for module, qm in encodings:
+        def forward(x: torch.Tensor, module=module, qm=qm) -> torch.Tensor:
+            w = dequantize(qm)[:, : qm.out_features].T.to(x.device, torch.float32)
+            bias = module.bias
+            if bias is not None and qm.bias is not None:
+                bias = qm.output_bias.to(bias.device, torch.float32)
+            return nn.functional.linear(x, w, bias)
+
+        previous.append((module, module.__dict__.get("forward")))
+        module.forward = forward
+
+    def restore() -> None:
+        for module, forward in previous:
+            if forward is None:
+                del module.forward
+            else:
+                module.forward = forward
+    return restore

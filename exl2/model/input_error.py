@@ -43,9 +43,12 @@ class CrossStats:
     over the same calibration rows."""
 
     hessian: torch.Tensor  #: ``E[x_q x_q^T]`` ``[K, K]`` float32
-    cross: torch.Tensor  #: ``E[x x_q^T]`` ``[K, K]`` float32
+    cross: torch.Tensor | None  #: ``E[x x_q^T]`` ``[K, K]`` float32 (None once released)
     mean: torch.Tensor  #: ``E[x]`` ``[K]`` float32
     mean_q: torch.Tensor  #: ``E[x_q]`` ``[K]`` float32
+    #: set by :func:`quantize_block` for the group's last linear to encode: :func:`target` then
+    #: releases ``cross`` as soon as it is used, before the factor and the encoder's work
+    last_use: bool = False
 
 
 class _Capture:
@@ -108,7 +111,8 @@ def target(weight: torch.Tensor, stats: CrossStats, centered: bool, lam: float =
     """``(W*, C)``: the weight GPTQ should aim at and the Hessian it should use (centred moments
     when ``centered``). In float32, with two ``[K, K]`` buffers beyond the shared moments (``C``
     when centred, and ``C + lam I`` factored in place); ``stats`` is not changed (the linears
-    reading one input share it)."""
+    reading one input share it), except that with ``stats.last_use`` the cross moment is
+    released as soon as it is used, before the factor is made."""
     c = stats.hessian
     if centered:
         c = c - torch.outer(stats.mean_q, stats.mean_q)
@@ -120,19 +124,23 @@ def target(weight: torch.Tensor, stats: CrossStats, centered: bool, lam: float =
     rhs.add_(w.T, alpha=ridge)
     if centered:
         rhs.sub_(torch.outer(stats.mean_q, w @ stats.mean))
+    if stats.last_use:
+        stats.cross = None  # no linear needs E[x x_q^T] again: its K^2 floats are free from here on
     damped = c.clone()
     damped.diagonal().add_(ridge)
     factor, info = torch.linalg.cholesky_ex(damped, out=(damped, torch.empty((), dtype=torch.int32)))
     if int(info) != 0:
         raise ValueError("the quantized model's input moments are not positive definite, even with the ridge")
-    w_star = torch.cholesky_solve(rhs, factor).T  # W* = W (A + ridge I)(C + ridge I)^-1
-    return w_star.contiguous(), c
+    solution = torch.cholesky_solve(rhs, factor)  # W*^T: W* = W (A + ridge I)(C + ridge I)^-1
+    del rhs, factor, damped  # before the transposed copy
+    return solution.T.contiguous(), c
 
 
 def encode(encoder: Callable, weight: torch.Tensor, qparams: QParams, stats: CrossStats, bias: torch.Tensor | None,
            *, centered: bool = True, lam: float = LAMBDA, **kw) -> QMatrix:
     """``encoder(W*, qparams, C, bias=bias, **kw)`` (reference or fast quantize, refined or
-    not); with ``centered`` and a bias, the bias set to ``b + W mu - W_hat mu_q``."""
+    not); with ``centered`` and a bias, the bias set to ``b + W mu - W_hat mu_q``. With
+    ``stats.last_use`` the cross moment is released before the encoder runs (:func:`target`)."""
     centered = centered and bias is not None
     w_star, c = target(weight, stats, centered, lam)
     qm = encoder(w_star, qparams, c, bias=bias, **kw)
@@ -193,8 +201,13 @@ def quantize_block(block: torch.nn.Module, modules: dict[str, torch.nn.Linear], 
         stats = None
         if any(qm is None for qm in held.values()):
             stats = cross_moments(block, modules[group[0]], reference, inputs, swap)
+        pending = [k for k in group if held[k] is None]
         for key in group:
-            done[key] = held[key] if held[key] is not None else encode_one(key, stats)
+            if held[key] is None:
+                stats.last_use = key == pending[-1]
+                done[key] = encode_one(key, stats)
+            else:
+                done[key] = held[key]
         del stats
         for key in group:  # after the whole group: its linears read the same input
             swap.keep(modules[key], done[key])

@@ -13,6 +13,9 @@ the process itself (Python, torch and transformers, :data:`BASE_BYTES`):
   quantization pass aimed at the float model (:mod:`exl2.model.input_error`, the default) also
   the block's linears a second time (their float weights kept beside the decoded ones until the
   block is done), a second ``[K, K]`` moment and the corrected weight (:func:`input_error_bytes`);
+  while measuring with the output probe (:mod:`exl2.model.sensitivity`, the default), on the
+  measurement's rows, GPTQ's work, one linear decoded for the probe's forward and the probe's
+  carried differences (its rows per block seen, :func:`exl2.model.sensitivity.carried_bytes`);
 - **outside the blocks**: the embeddings and final norm in float32 while the model runs up to the
   first block, or from the last block to the head;
 - **the head**: its weight as stored in the checkpoint (the encoder makes its own float32 copy),
@@ -57,13 +60,16 @@ def refine_bytes(k: int, n: int) -> int:
     return 14 * k * n + 4 * k * k
 
 
-def input_error_bytes(k: int, n: int, centered: bool = False) -> int:
+def input_error_bytes(k: int, n: int, centered: bool = False, shared: bool = True) -> int:
     """Held beside the encoder's work, beyond the Hessian: the cross moment ``E[x x_q^T]`` (4
-    bytes per entry of ``k^2``), the centred ``C`` for a layer with a bias (4 more) and the
-    corrected weight ``W*`` (4 bytes per weight, :func:`exl2.model.input_error.target`; the ridge
-    system it solves is factored in place before the encoder starts, so it is not counted on top
-    of the encoder's work, which is larger)."""
-    return (8 if centered else 4) * k * k + 4 * k * n
+    bytes per entry of ``k^2``) while another linear reading the same input (``shared``) still
+    needs it (the last one releases it before its encoder runs), the centred ``C`` for a layer
+    with a bias (4 more) and the corrected weight ``W*`` (4 bytes per weight,
+    :func:`exl2.model.input_error.target`; the ridge system it solves is factored in place before
+    the encoder starts, so it is not counted on top of the encoder's work, which is larger: while
+    it is factored, the cross moment of a shared input is still held, 4 k^2 + 8 k n bytes with the
+    system's right-hand side and solution, less than ``encode_bytes``' 4 k^2 + 9 k n)."""
+    return ((4 if shared else 0) + (4 if centered else 0)) * k * k + 4 * k * n
 
 
 @dataclass(frozen=True)
@@ -101,18 +107,30 @@ class Estimate:
 def estimate(block_bytes: int, layer_shapes: list[tuple[int, int]], hidden: int, tokens: int,
              outside_params: int, head_shape: tuple[int, int] | None, device: str = "cpu",
              resident: int = 0, biased: list[bool] | None = None, head_bytes: int = 4, refine: bool = True,
-             input_error: bool = True) -> Estimate:
+             input_error: bool = True, probe_bytes: int = 0, shared: list[bool] | None = None,
+             measure_tokens: int | None = None) -> Estimate:
     """The phases' bytes for a model whose largest block holds ``block_bytes`` of weights and
     linears ``layer_shapes`` (``(in_features, out_features)``; ``biased``, aligned with them:
     which have a bias), ``tokens`` = rows x length; ``head_bytes``: bytes per weight of the head
     as stored; ``refine`` and ``input_error``: whether the coordinate descent and the aim at the
-    float model are on (``exl2 quantize``'s defaults)."""
+    float model are on (``exl2 quantize``'s defaults); ``shared``, aligned with
+    ``layer_shapes``: whether a linear may share its input with another linear of its block
+    (default: all may); ``probe_bytes``: the hidden states the
+    measurement carries for :mod:`exl2.model.sensitivity` (0: no probe), beside the measuring of
+    a block on ``measure_tokens`` tokens (default ``tokens``) and one linear decoded for the
+    probe's forward (float16 and float32: 6 bytes a weight)."""
     biased = biased or [False] * len(layer_shapes)
+    shared = shared or [True] * len(layer_shapes)
     activations = 3 * tokens * hidden * 4
     widest = max(k for k, _ in layer_shapes)
     work = max(max(encode_bytes(k, n, b), refine_bytes(k, n) if refine else 0)
-               + (input_error_bytes(k, n, b) if input_error else 0) for (k, n), b in zip(layer_shapes, biased))
+               + (input_error_bytes(k, n, b, s) if input_error else 0)
+               for (k, n), b, s in zip(layer_shapes, biased, shared))
     block = (2 if input_error else 1) * block_bytes + activations + 4 * widest * widest + work
+    if probe_bytes:
+        measuring = block_bytes + 3 * (measure_tokens or tokens) * hidden * 4 + 4 * widest * widest + probe_bytes + \
+            max(encode_bytes(k, n, b) for (k, n), b in zip(layer_shapes, biased)) + 6 * max(k * n for k, n in layer_shapes)
+        block = max(block, measuring)
     outside = 4 * outside_params + 2 * tokens * hidden * 4
     head = 0
     if head_shape is not None:

@@ -13,8 +13,11 @@ loaded at once with ``Settings(streaming=False)``, which gives the same bytes):
    that fits the layer quantized with GPTQ and put in place alone; its error is the relative
    squared error of the *block's* outputs on the calibration inputs (as exllamav2 measures at
    module level, so that errors of different layers are in the same units), and its cost the
-   exact stored bits (``QParams.total_bits``).
-3. **Allocation** (:func:`allocate_bits`): :func:`allocate.allocate` within ``numel × bpw`` bits
+   exact stored bits (``QParams.total_bits``). In the same pass (``Settings.sensitivity``), one
+   weight per block: how much of its error reaches the last block's outputs
+   (:mod:`exl2.model.sensitivity`).
+3. **Allocation** (:func:`allocate_bits`): :func:`allocate.allocate` of the weighted errors
+   within ``numel × bpw`` bits
    (numel: the quantized weights of the blocks; the head is quantized at ``--head-bits`` outside
    the budget, as exllamav2 does).
 4. **Quantization** (:func:`quantize_pass`): block by block again, each block's Hessians computed
@@ -48,7 +51,7 @@ from ..format import padded_columns, row_granule
 from ..io import atomic_path, open_model
 from ..qmatrix import QMatrix
 from ..qparams import QParams
-from . import arch, calibration, centering, held, input_error, memory, output
+from . import arch, calibration, centering, held, input_error, memory, output, sensitivity
 from .allocate import allocate
 from .job import Job
 from .options import HEAD_OPTIONS, OPTIONS, head_option
@@ -74,6 +77,8 @@ class Settings:
     refine: int = SWEEPS  #: refine.refine: coordinate-descent sweeps after GPTQ (0: none)
     #: input_error.encode in the quantization pass: GPTQ aimed at the float model's outputs
     input_error: bool = True
+    #: sensitivity.OutputProbe: each block's errors weighted by how much of them reaches the output
+    sensitivity: bool = True
     measurement: Path | None = None
     device: str = "cpu"
     shard_bytes: int = SHARD_BYTES
@@ -166,6 +171,7 @@ def quantize_model(s: Settings, progress=None, log: Callable[[str], None] = lamb
                   "head_bits": s.head_bits,
                   "calibration": {"rows": s.rows, "length": s.length, "layout": s.layout, "quant_rows": s.quant_rows,
                                   "centered": s.centered, "refine": s.refine, "input_error": s.input_error,
+                                  "sensitivity": s.sensitivity,
                                   "sha256": hashlib.sha256(text.encode()).hexdigest()}}
         where = str(s.calibration or "the default calibration text")
         data = calibration.batches(src.tokenizer, text, s.rows, s.length, s.device, where, layout=s.layout)
@@ -178,8 +184,8 @@ def quantize_model(s: Settings, progress=None, log: Callable[[str], None] = lamb
         # the options are measured with GPTQ alone: coordinate descent on every option would
         # cost the measurement more than twice its time (measured on MiniLM), for a change in
         # the errors' ranking that the allocation hardly sees
-        m = given or measure(s, src, plan, data, job, encode, progress)
-        choice, alloc = allocate_bits(plan, m, s.bpw)
+        m = measure(s, src, plan, data, job, encode, progress, given)
+        choice, alloc = allocate_bits(plan, m, s.bpw, m.get("block_weights") if s.sensitivity else None)
         log(f"allocation: {alloc.total_bits / plan.numel:.4f} bpw, error {alloc.objective:.5g} "
             f"(certified gap {alloc.gap:.2g})")
         quantize_pass(s, src, plan.layers, choice, quant_data, job, refined(encode, s.refine), progress)
@@ -229,7 +235,9 @@ def _plan(s: Settings, src: Source, text: str, log: Callable[[str], None]) -> Pl
     if free < 2 * estimate:
         raise ContainerError(f"not enough disk: about {2 * estimate / 1e9:.1f} GB needed, {free / 1e9:.1f} GB free",
                              file=str(s.out))
-    log(memory_estimate(src, _quant_rows(s) * s.length, s.device, s.refine > 0, s.input_error).line())
+    probe = sensitivity.carried_bytes(len(src.blocks), s.length, layers[0].shape[0]) if s.sensitivity else 0
+    log(memory_estimate(src, _quant_rows(s) * s.length, s.device, s.refine > 0, s.input_error, probe,
+                        measure_tokens=s.rows * s.length).line())
     return Plan(layers, costs, numel, text)
 
 
@@ -239,21 +247,27 @@ def _quant_rows(s: Settings) -> int:
 
 
 def memory_estimate(src: Source, tokens: int, device: str, refine: bool = True,
-                    input_error: bool = True) -> memory.Estimate:
+                    input_error: bool = True, probe_bytes: int = 0, measure_tokens: int | None = None) -> memory.Estimate:
     """The memory :mod:`exl2.model.memory` expects for converting ``src`` with ``tokens``
-    calibration tokens (rows x length), with or without the coordinate descent and the aim at the
-    float model."""
+    calibration tokens (rows x length), with or without the coordinate descent, the aim at the
+    float model and the output probe's carried hidden states (``probe_bytes``, while measuring on
+    ``measure_tokens``)."""
     sizes = [sum(p.numel() for p in b.parameters()) for _, b in src.blocks]
     held_bytes = max(src.block_bytes(i) for i in range(len(src.blocks)))
-    linears = [m for p, b in src.blocks for m in arch.linears(b, p).values()]
+    blocks = [list(arch.linears(b, p).values()) for p, b in src.blocks]
+    linears = [m for ms in blocks for m in ms]
     shapes = [(m.in_features, m.out_features) for m in linears]
+    # which linears may read the same input as another (found only by running the block): any
+    # with the input width of another linear of its block
+    shared = [sum(o.in_features == m.in_features for o in ms) > 1 for ms in blocks for m in ms]
     head = src.head[1] if src.head is not None else None
     outside = src.numel() - sum(sizes) - (head.weight.numel() if head is not None else 0)
     return memory.estimate(held_bytes, shapes, shapes[0][0], tokens, max(0, outside),
                            None if head is None else (head.in_features, head.out_features), device,
                            resident=0 if src.streaming else 4 * src.numel(),
                            biased=[m.bias is not None for m in linears], head_bytes=src.head_weight_bytes(),
-                           refine=refine, input_error=input_error)
+                           refine=refine, input_error=input_error, probe_bytes=probe_bytes, shared=shared,
+                           measure_tokens=measure_tokens)
 
 
 def _job(out: Path, params: dict) -> Job:
@@ -315,27 +329,72 @@ def _encode_centered(s: Settings, encode: Callable, key: str, where: Path, weigh
     return centering.encode(encoder, weight, option, stats, bias, centered=s.centered)
 
 
-def measure(s: Settings, src: Source, plan: Plan, data, job: Job, encode: Callable, progress) -> dict:
+def measure(s: Settings, src: Source, plan: Plan, data, job: Job, encode: Callable, progress,
+            given: dict | None = None) -> dict:
     """Every fitting option's error for every layer (``measurement.json``: per layer ``shape``,
-    ``costs`` and ``errors`` aligned with ``options``; ``null`` for an option that does not fit)."""
-    m = job.measurement()
-    m.update(options=[o.desc() for o in s.options], source=str(src.path))
+    ``costs`` and ``errors`` aligned with ``options``; ``null`` for an option that does not fit),
+    and with ``s.sensitivity`` the blocks' weights (``block_weights``, one per block). A
+    ``given`` measurement (``--measurement``) is only completed with the weights when it has
+    none."""
+    m = given if given is not None else job.measurement()
+    if given is None:
+        m.update(options=[o.desc() for o in s.options], source=str(src.path))
     todo = [i for i in range(len(src.blocks)) if any(layer.key not in m["layers"] for layer in _block_layers(plan.layers, i))]
-    if not todo:
+    probe = None
+    if s.sensitivity and sensitivity.check_weights(m.get("block_weights"), len(src.blocks)) is None:
+        probe = sensitivity.OutputProbe()
+    if not todo and probe is None:
         return m
+    last = len(src.blocks) - 1 if probe is not None else todo[-1]
     with src.outside():
         inputs = calibration.first_block_inputs(src.model, src.blocks[0][1], data, **_model_kwargs(src))
-    for i in progress(range(todo[-1] + 1), todo[-1] + 1, "measure"):
+    for i in progress(range(last + 1), last + 1, "measure"):
         with src.block(i) as block:
+            layers = _block_layers(plan.layers, i)
+            keep = {layer.key: _probe_index(plan, layer) for layer in layers} if probe is not None else {}
+            kept = {}
             if i in todo:
-                _measure_block(s, src, block, _block_layers(plan.layers, i), plan, inputs, m, encode)
+                kept = _measure_block(s, src, block, layers, plan, inputs, m, encode, keep)
                 job.save_measurement(m)
-            if i < todo[-1]:
+            if probe is not None:
+                _probe_block(s, src, block, layers, inputs, probe, keep, kept, encode)
+            if i < last:
                 inputs = calibration.run_block(block, inputs)
+    if probe is not None:
+        m["block_weights"] = probe.weights()
+        job.save_measurement(m)
     return m
 
 
-def _measure_block(s, src, block, layers: list[Layer], plan: Plan, inputs, m: dict, encode) -> None:
+def _probe_index(plan: Plan, layer: Layer) -> int:
+    """The option the output probe quantizes ``layer`` with (:func:`sensitivity.probe_option`)."""
+    k, n = layer.shape
+    return sensitivity.probe_option(plan.costs[layer.key], k * n, layer.fits)
+
+
+def _probe_block(s, src, block, layers: list[Layer], inputs, probe: sensitivity.OutputProbe, keep: dict[str, int],
+                 kept: dict[str, QMatrix], encode) -> None:
+    """The probe's step through this block: its linears quantized with the probe's option (the
+    encodings kept from measuring it, or made here for a block measured before a resume)."""
+    missing = [layer for layer in layers if layer.key not in kept]
+    if missing:
+        hessians = _Hessians(block, missing, inputs)
+        remaining = {layer.key for layer in missing}
+        for layer in missing:
+            module = layer.module
+            kept[layer.key] = _encode_centered(s, encode, layer.key, src.path, module.weight, s.options[keep[layer.key]],
+                                               hessians.get(layer.key), module.bias if s.centered else None)
+            remaining.discard(layer.key)
+            hessians.done(layer.key, remaining)
+
+    probe.block(block, inputs, lambda: held.compute_decoded([(layer.module, kept[layer.key]) for layer in layers]))
+
+
+def _measure_block(s, src, block, layers: list[Layer], plan: Plan, inputs, m: dict, encode,
+                   keep: dict[str, int]) -> dict[str, QMatrix]:
+    """Measures the block's layers not yet in ``m``; returns their encodings with the option
+    ``keep`` names for each (the probe's)."""
+    kept: dict[str, QMatrix] = {}
     reference = calibration.run_block(block, inputs).args
     hessians = _Hessians(block, layers, inputs)
     remaining = {layer.key for layer in layers if layer.key not in m["layers"]}
@@ -353,6 +412,8 @@ def _measure_block(s, src, block, layers: list[Layer], plan: Plan, inputs, m: di
             qm = _encode_centered(s, encode, layer.key, src.path, w, s.options[j], stats, b if s.centered else None)
             _apply(module, qm)
             errors[j] = _output_error(block, inputs, reference)
+            if keep.get(layer.key) == j:
+                kept[layer.key] = qm
         held.put_weight(module, w)  # the next layer is measured with this one as it was
         with torch.no_grad():
             if b is not None:
@@ -361,6 +422,7 @@ def _measure_block(s, src, block, layers: list[Layer], plan: Plan, inputs, m: di
         m["layers"][layer.key] = {"shape": list(layer.shape), "costs": plan.costs[layer.key], "errors": errors}
         remaining.discard(layer.key)
         hessians.done(layer.key, remaining)
+    return kept
 
 
 def _output_error(block, inputs, reference) -> float:
@@ -396,6 +458,9 @@ def load_measurement(s: Settings, layers: list[Layer]) -> dict:
             raise bad(f"{layer.key} has another shape or number of errors")
         if not all(_error_value(errors[j]) for j in layer.fits):
             raise bad(f"{layer.key} has an error that is not a finite number >= 0")
+    blocks = 1 + max((layer.block for layer in layers), default=-1)
+    if "block_weights" in m and sensitivity.check_weights(m["block_weights"], blocks) is None:
+        raise bad(f"block_weights is not a list of {blocks} finite numbers >= 0, not all 0")
     return m
 
 
@@ -406,11 +471,13 @@ def _error_value(x) -> bool:
 # -- 3. allocation --------------------------------------------------------------------------
 
 
-def allocate_bits(plan: Plan, m: dict, bpw: float):
-    """One option per layer (among those that fit it) within ``numel × bpw`` bits."""
+def allocate_bits(plan: Plan, m: dict, bpw: float, block_weights: list[float] | None = None):
+    """One option per layer (among those that fit it) within ``numel × bpw`` bits; each layer's
+    errors multiplied by its block's weight when ``block_weights`` are given."""
     layers = plan.layers
     costs = [[plan.costs[layer.key][j] for j in layer.fits] for layer in layers]
-    errors = [[float(m["layers"][layer.key]["errors"][j]) for j in layer.fits] for layer in layers]
+    scale = [1.0 if block_weights is None else block_weights[layer.block] for layer in layers]
+    errors = [[w * float(m["layers"][layer.key]["errors"][j]) for j in layer.fits] for layer, w in zip(layers, scale)]
     alloc = allocate(costs, errors, int(plan.numel * bpw))
     return {layer.key: layer.fits[c] for layer, c in zip(layers, alloc.choice)}, alloc
 

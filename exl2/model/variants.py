@@ -34,7 +34,7 @@ from ..qmatrix import QMatrix
 from ..qparams import QParams
 from ..reference import quantize as reference_quantize
 from ..reference.encode import ERR_NORM, PERCDAMP
-from . import arch, calibration, centering, held, input_error
+from . import arch, calibration, centering, held, input_error, sensitivity
 from .allocate import allocate
 from .centering import LinearStats, decoded, input_stats  # noqa: F401 (decoded: used by the tests through here)
 from .options import OPTIONS
@@ -56,6 +56,8 @@ class Recipe:
     centered: bool = False
     refine: int = 0  #: coordinate-descent sweeps after GPTQ in the quantization pass (:mod:`exl2.model.refine`)
     input_error: bool = False  #: the quantization pass aims at the float model (:mod:`exl2.model.input_error`)
+    #: the allocation weighs each block's errors by the output probe's weight (:mod:`exl2.model.sensitivity`)
+    sensitivity: bool = False
     uniform: QParams | None = None  #: one QParams for every linear: no measurement, no allocation
     measure: str = "linear"  #: "linear" (per linear, block output) or "slot" (exllamav2's tables)
     options: tuple[QParams, ...] = field(default=OPTIONS)
@@ -124,23 +126,39 @@ def block_linears(src: Source) -> list[list[tuple[str, torch.nn.Linear]]]:
 def measure_linears(src: Source, data, recipe: Recipe, progress: Callable = lambda m: None) -> dict:
     """Per linear and option, the block's relative squared output error with that linear alone
     quantized (the pipeline's measurement), on the float model's block inputs; with GPTQ alone,
-    as the pipeline measures (no coordinate descent)."""
+    as the pipeline measures (no coordinate descent). Returns ``{"errors": {key: [per option]},
+    "block_weights": [per block]}``: the output probe's weights (:mod:`exl2.model.sensitivity`),
+    taken in the same pass as the pipeline takes them."""
     measuring = replace(recipe, refine=0)
     errors: dict[str, list[float]] = {}
+    probe = sensitivity.OutputProbe()
     inputs = calibration.first_block_inputs(src.model, src.blocks[0][1], data, **_model_kwargs(src))
     for (prefix, block), linears in zip(src.blocks, block_linears(src)):
         stats = input_stats(block, dict(linears), inputs)
         reference = calibration.run_block(block, inputs).args
+        kept: dict[str, QMatrix] = {}
         for key, module in linears:
             saved = (module.weight.detach().clone(), None if module.bias is None else module.bias.detach().clone())
+            k, n = module.in_features, module.out_features
+            costs = [o.total_bits(k, n, module.bias is not None) for o in recipe.options]
+            keep = sensitivity.probe_option(costs, k * n, range(len(costs)))
             errors[key] = []
-            for opt in recipe.options:
-                put(module, encode(module, opt, stats[key], measuring))
+            for j, opt in enumerate(recipe.options):
+                qm = encode(module, opt, stats[key], measuring)
+                put(module, qm)
                 errors[key].append(output_errors(block, inputs, reference)[0])
                 _restore(module, saved)
+                if j == keep:
+                    kept[key] = qm
             progress(key)
+        probe.block(block, inputs, _perturb(linears, kept))
         inputs = calibration.run_block(block, inputs)
-    return errors
+    return {"errors": errors, "block_weights": probe.weights()}
+
+
+def _perturb(linears: list[tuple[str, torch.nn.Linear]], kept: dict[str, QMatrix]) -> Callable:
+    """For :meth:`sensitivity.OutputProbe.block`: the block computes with the kept encodings."""
+    return lambda: held.compute_decoded([(module, kept[key]) for key, module in linears])
 
 
 def _restore(module: torch.nn.Linear, saved) -> None:
@@ -215,7 +233,7 @@ class Converter:
         src = self.load()
         data = self.data(src, recipe, recipe.rows)
         if recipe.measure == "linear":
-            m = {"errors": measure_linears(src, data, recipe)}
+            m = measure_linears(src, data, recipe)
         elif recipe.measure == "slot":
             from .slots import measure_slots
 
@@ -256,7 +274,10 @@ class Converter:
         if recipe.measure == "linear":
             costs = [[o.total_bits(mod.in_features, mod.out_features, mod.bias is not None) for o in recipe.options]
                      for _, mod in layers]
-            errors = [m["errors"][k] for k, _ in layers]
+            # layers are in block order: each gets its block's weight (1 without the probe's)
+            weights = [m["block_weights"][i] if recipe.sensitivity else 1.0
+                       for i, linears in enumerate(block_linears(src)) for _ in linears]
+            errors = [[w * e for e in m["errors"][k]] for (k, _), w in zip(layers, weights)]
             plans = [{k: recipe.options[j] for (k, _), j in zip(layers, allocate(costs, errors, b).choice)}
                      for b in budgets]
         else:
