@@ -79,6 +79,8 @@ STEPS: list[tuple[str, str, Recipe]] = [
      replace(_COVARIANCE, refine=3, options=OPTIONS, input_error=True)),
     ("sensitivity", "+ each block's errors weighted by how much of them reaches the output (probe)",
      replace(_COVARIANCE, refine=3, options=OPTIONS, input_error=True, sensitivity=True)),
+    ("measure_rows", "+ all 128 paragraphs for the measurement too",
+     replace(_COVARIANCE, refine=3, options=OPTIONS, input_error=True, sensitivity=True, rows=128)),
 ]
 #: What ``exl2 quantize`` ships: the last step.
 SHIPPED = STEPS[-1][2]
@@ -196,7 +198,8 @@ def uniform_rows(model: Model) -> None:
                 kind = "gptq" if gptq else "rtn"
                 if model.cached("uniform", f"{kind}{bits}_g{gs}", [None]):
                     continue
-                recipe = replace(SHIPPED, uniform=QParams(gs, [bits], [1.0]), gptq=gptq)
+                # GPTQ as the covariance step runs it (no descent, no aim): what GPTQ alone gives
+                recipe = replace(_COVARIANCE, uniform=QParams(gs, [bits], [1.0]), gptq=gptq)
                 conv = model.converter.convert(recipe)[0]
                 model.add("uniform", f"{kind}{bits}_g{gs}", f"uniform {kind.upper()} {bits}-bit, groups of {gs}",
                           None, conv, conv.seconds)
@@ -215,10 +218,10 @@ def step_rows(model: Model, section: str, steps, targets: list[float]) -> None:
 
 
 def slot_rows(models: list[Model], anneal_kw: dict) -> None:
-    """exllamav2's allocation and the exact one on the same slot measurement (shipped recipe)."""
+    """exllamav2's allocation and the exact one on the same slot measurement (the covariance step's recipe)."""
     if not models:
         return
-    recipe = replace(SHIPPED, measure="slot")
+    recipe = replace(_COVARIANCE, measure="slot")  # compared with the covariance step's per-linear rows
     measurements = []
     todo = [m for m in models if any(m._saved("slots", k, m.targets) is None for k in ("exllamav2", "exact_slots"))]
     for model in models:

@@ -60,7 +60,7 @@ def quantize_cmd(
     calibration: Path = typer.Option(None, "--calibration", help="calibration text file, UTF-8 (default: shipped corpus)"),
     measurement: Path = typer.Option(None, "--measurement", help="reuse a measurement.json (skips measuring)"),
     device: str = typer.Option("auto", "--device", help="auto (cuda when there is a GPU), cpu, cuda or cuda:N"),
-    rows: int = typer.Option(32, "--rows", help="calibration rows for the measurement", min=1),
+    rows: int = typer.Option(128, "--rows", help="calibration rows for the measurement", min=1),
     quant_rows: int = typer.Option(128, "--quant-rows", help="calibration rows for the quantization pass "
                                    "(never fewer than --rows)", min=1),
     length: int = typer.Option(128, "--length", help="tokens per calibration row", min=8),

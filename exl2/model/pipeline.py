@@ -69,7 +69,7 @@ class Settings:
     bpw: float
     head_bits: int = 6
     calibration: Path | None = None
-    rows: int = 32
+    rows: int = 128  #: calibration rows for the measurement (all of the shipped corpus's paragraphs)
     length: int = 128
     layout: str = "documents"  #: calibration.batches: "stream" or "documents"
     quant_rows: int | None = 128  #: rows for the quantization pass (None: ``rows``)
