@@ -189,6 +189,7 @@ def extrapolate(seconds_per_weight: float, options: int, rows: int, length: int)
     default calibration (the quantization pass on 128 rows of 128 tokens) and with the benchmark's
     (``rows`` x ``length`` for both passes)."""
     from exl2.model.memory import estimate
+    from exl2.model.sensitivity import carried_bytes
 
     out = {}
     for name, (hidden, inter, blocks, heads, kv, vocab) in MODELS.items():
@@ -201,9 +202,12 @@ def extrapolate(seconds_per_weight: float, options: int, rows: int, length: int)
 
         def peak(tokens: int, plain: bool = False):
             # linears' weights held in float16 (2 bytes), norms in float32 (4); plain: with
-            # --aim plain --sweeps 0 (GPTQ alone, no float model carried)
+            # --aim plain --sweeps 0 (GPTQ alone, no float model carried); the output probe on, as
+            # by default; q, k, v, o, gate and up read inputs as wide as another's, down does not
             return estimate(2 * weights + 4 * 2 * hidden, shapes, hidden, tokens, vocab * hidden + hidden,
-                            (hidden, vocab), head_bytes=2, refine=not plain, input_error=not plain)
+                            (hidden, vocab), head_bytes=2, refine=not plain, input_error=not plain,
+                            probe_bytes=carried_bytes(blocks, length, hidden), measure_tokens=tokens,
+                            shared=[True] * 6 + [False])
 
         e, few, plain = peak(128 * 128), peak(rows * length), peak(128 * 128, plain=True)
         out[name] = {"blocks": blocks, "weights_per_block": weights, "source_gb": source / 1e9,
@@ -284,6 +288,15 @@ def summarize(result: dict) -> dict:
         peak = max(r["peak_rss_bytes"] for r in runs)
         blocks = max(1, math.floor((4 * peak - fixed) / per_block) + 1)
         result.update(blocks_for_quarter=blocks, source_gb_for_quarter=(fixed + blocks * per_block) / 1e9)
+    shapes = result["shapes"]
+    for name, (hidden, inter, blocks, heads, kv, vocab) in MODELS.items():
+        if (shapes["hidden"], shapes["intermediate"], shapes["heads"], shapes["kv_heads"], shapes["vocab"]) == \
+                (hidden, inter, heads, kv, vocab):
+            # a real model of these shapes has more blocks; the measured peak does not grow with them
+            source = extrapolate(rate, len(OPTIONS), shapes["rows"], shapes["length"])[name]["source_gb"] * 1e9
+            peak = max(r["peak_rss_bytes"] for r in runs)
+            result["full_model"] = {"name": name, "blocks": blocks, "source_gb": source / 1e9,
+                                    "peak_over_source_pct": 100 * peak / source}
     result.update(peak_ratio_largest_to_smallest=last["peak_rss_bytes"] / first["peak_rss_bytes"],
                   peak_change_pct=100 * (last["peak_rss_bytes"] / first["peak_rss_bytes"] - 1),
                   microseconds_per_weight=rate * 1e6, options=len(OPTIONS),

@@ -79,18 +79,19 @@ STEPS: list[tuple[str, str, Recipe]] = [
      replace(_COVARIANCE, refine=3, options=OPTIONS, input_error=True)),
     ("sensitivity", "+ each block's errors weighted by how much of them reaches the output (probe)",
      replace(_COVARIANCE, refine=3, options=OPTIONS, input_error=True, sensitivity=True)),
-    ("measure_rows", "+ all 128 paragraphs for the measurement too",
-     replace(_COVARIANCE, refine=3, options=OPTIONS, input_error=True, sensitivity=True, rows=128)),
+    ("measure_rows", "+ all 128 paragraphs for the measurement's Hessians (its errors on the first 32)",
+     replace(_COVARIANCE, refine=3, options=OPTIONS, input_error=True, sensitivity=True, rows=128, error_rows=32)),
 ]
 #: What ``exl2 quantize`` ships: the last step.
 SHIPPED = STEPS[-1][2]
-#: Alternatives that did not ship, at two targets per model (on the "centered" step, before
-#: coordinate descent).
+#: Alternatives that did not ship, at two targets per model (on the step each names).
 VARIANTS: list[tuple[str, str, Recipe]] = [
     ("damping", "GPTQ damping 0.01 of the mean diagonal (on the covariance step; ships 0.12, exllamav2's)",
      replace(_COVARIANCE, percdamp=0.01)),
     ("err_norm", "scale search on the squared error (on the covariance step; ships |error|^3.5, exllamav2's)",
      replace(_COVARIANCE, err_norm=2.0)),
+    ("error_rows_all", "measurement errors on all 128 rows (on the shipped recipe, which takes them on the first 32)",
+     replace(STEPS[-1][2], error_rows=None)),
 ]
 
 
@@ -305,7 +306,7 @@ def pipeline_rows(model: Model, work: Path, main_settings: bool) -> None:
         corpus = work / f"{model.name}-main-corpus.txt"
         corpus.write_text(model.main_text, encoding="utf-8")
         extra = dict(calibration=corpus, layout=MAIN.layout, rows=MAIN.rows, length=MAIN.length, quant_rows=None,
-                     centered=False, refine=0, input_error=False, options=EXLLAMAV2_OPTIONS)
+                     centered=False, refine=0, input_error=False, sensitivity=False, options=EXLLAMAV2_OPTIONS)
         key, label = "main_pipeline", "exl2 quantize with main's settings (16 x 128 tokens, one stream)"
     else:
         extra = {}
@@ -403,10 +404,10 @@ def summary(model: Model) -> dict:
 def check_shipped() -> None:
     """The shipped recipe here is what ``exl2 quantize`` runs by default."""
     d = Settings(src="", out=Path("."), bpw=4.0)
-    got = (d.layout, d.rows, d.length, d.quant_rows, d.centered, d.refine, d.input_error, d.sensitivity,
+    got = (d.layout, d.rows, d.error_rows, d.length, d.quant_rows, d.centered, d.refine, d.input_error, d.sensitivity,
            [o.desc() for o in d.options])
-    want = (SHIPPED.layout, SHIPPED.rows, SHIPPED.length, SHIPPED.quant_rows, SHIPPED.centered, SHIPPED.refine,
-            SHIPPED.input_error, SHIPPED.sensitivity, [o.desc() for o in SHIPPED.options])
+    want = (SHIPPED.layout, SHIPPED.rows, SHIPPED.error_rows, SHIPPED.length, SHIPPED.quant_rows, SHIPPED.centered,
+            SHIPPED.refine, SHIPPED.input_error, SHIPPED.sensitivity, [o.desc() for o in SHIPPED.options])
     if got != want:
         raise SystemExit(f"pipeline defaults {got} differ from the ablation's shipped recipe {want}")
 

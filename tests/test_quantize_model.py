@@ -125,3 +125,27 @@ def test_minilm_example_quality(tmp_path):
     assert validate_path(tmp_path / "m").ok
     r = compare("example:minilm", tmp_path / "m")
     assert summary["bpw"] <= 5.0 and r["cosine_mean"] > 0.95
+
+
+def test_measurement_errors_on_the_first_error_rows_hessians_on_all(llama, tmp_path, monkeypatch):
+    seen = {"errors": set(), "hessians": set()}
+    real_error, real_moments = pipeline._output_error, pipeline.calibration.group_moments
+
+    def output_error(block, inputs, reference):
+        seen["errors"].add((len(inputs.args), len(reference)))
+        return real_error(block, inputs, reference)
+
+    def group_moments(block, module, inputs):
+        seen["hessians"].add(len(inputs.args))
+        return real_moments(block, module, inputs)
+    monkeypatch.setattr(pipeline, "_output_error", output_error)
+    monkeypatch.setattr(pipeline.calibration, "group_moments", group_moments)
+    run(llama, tmp_path / "q", 4.0, error_rows=3)
+    assert seen == {"errors": {(3, 3)}, "hessians": {4}}
+
+
+def test_error_rows_below_one_is_refused(llama, tmp_path):
+    from exl2.errors import UsageError
+    with pytest.raises(UsageError, match="--error-rows"):
+        run(llama, tmp_path / "q", 4.0, error_rows=0)
+    assert not (tmp_path / "q").exists()

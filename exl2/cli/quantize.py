@@ -60,7 +60,9 @@ def quantize_cmd(
     calibration: Path = typer.Option(None, "--calibration", help="calibration text file, UTF-8 (default: shipped corpus)"),
     measurement: Path = typer.Option(None, "--measurement", help="reuse a measurement.json (skips measuring)"),
     device: str = typer.Option("auto", "--device", help="auto (cuda when there is a GPU), cpu, cuda or cuda:N"),
-    rows: int = typer.Option(128, "--rows", help="calibration rows for the measurement", min=1),
+    rows: int = typer.Option(128, "--rows", help="calibration rows for the measurement's Hessians", min=1),
+    error_rows: int = typer.Option(32, "--error-rows", help="the first rows of --rows on which each option's error "
+                                   "is measured", min=1),
     quant_rows: int = typer.Option(128, "--quant-rows", help="calibration rows for the quantization pass "
                                    "(never fewer than --rows)", min=1),
     length: int = typer.Option(128, "--length", help="tokens per calibration row", min=8),
@@ -100,7 +102,7 @@ def quantize_cmd(
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
     settings = Settings(src=src, out=out, bpw=bpw, head_bits=head_bits, calibration=calibration, rows=rows,
-                        quant_rows=quant_rows, length=length, measurement=measurement, device=device, overwrite=overwrite,
+                        quant_rows=quant_rows, error_rows=error_rows, length=length, measurement=measurement, device=device, overwrite=overwrite,
                         streaming=loader == "stream", refine=sweeps, input_error=aim == "float",
                         sensitivity=weigh == "output")
     progress = _bar if sys.stderr.isatty() else log_lines(_note)

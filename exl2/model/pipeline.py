@@ -11,7 +11,7 @@ loaded at once with ``Settings(streaming=False)``, which gives the same bytes):
 2. **Measurement** (:func:`measure`, skipped with ``--measurement``): block by block, the Hessian
    of every group of linears reading the same input, then every option of ``Settings.options``
    that fits the layer quantized with GPTQ and put in place alone; its error is the relative
-   squared error of the *block's* outputs on the calibration inputs (as exllamav2 measures at
+   squared error of the *block's* outputs on the first ``error_rows`` calibration inputs (as exllamav2 measures at
    module level, so that errors of different layers are in the same units), and its cost the
    exact stored bits (``QParams.total_bits``). In the same pass (``Settings.sensitivity``), one
    weight per block: how much of its error reaches the last block's outputs
@@ -69,7 +69,9 @@ class Settings:
     bpw: float
     head_bits: int = 6
     calibration: Path | None = None
-    rows: int = 128  #: calibration rows for the measurement (all of the shipped corpus's paragraphs)
+    rows: int = 128  #: calibration rows for the measurement's Hessians (all of the shipped corpus's paragraphs)
+    #: the first rows of those on which the measurement takes each option's error (None: all)
+    error_rows: int | None = 32
     length: int = 128
     layout: str = "documents"  #: calibration.batches: "stream" or "documents"
     quant_rows: int | None = 128  #: rows for the quantization pass (None: ``rows``)
@@ -170,6 +172,7 @@ def quantize_model(s: Settings, progress=None, log: Callable[[str], None] = lamb
         params = {"source": str(src.path), "options": [o.desc() for o in s.options], "bpw": s.bpw,
                   "head_bits": s.head_bits,
                   "calibration": {"rows": s.rows, "length": s.length, "layout": s.layout, "quant_rows": s.quant_rows,
+                                  "error_rows": s.error_rows,
                                   "centered": s.centered, "refine": s.refine, "input_error": s.input_error,
                                   "sensitivity": s.sensitivity,
                                   "sha256": hashlib.sha256(text.encode()).hexdigest()}}
@@ -204,8 +207,8 @@ def _check_settings(s: Settings) -> None:
         raise UsageError(f"target {s.bpw} bpw is outside 2.0..8.5")
     if s.head_bits not in HEAD_OPTIONS:
         raise UsageError(f"--head-bits must be one of {sorted(HEAD_OPTIONS)} (exllamav2's head options)")
-    if s.rows < 1 or s.length < 8:
-        raise UsageError("--rows must be at least 1 and --length at least 8")
+    if s.rows < 1 or s.length < 8 or (s.error_rows is not None and s.error_rows < 1):
+        raise UsageError("--rows and --error-rows must be at least 1 and --length at least 8")
     s.device = check_device(s.device)
     if s.out.exists() and not (s.overwrite and s.out.is_dir()):
         raise ContainerError("already exists; choose another output folder or pass --overwrite", file=str(s.out))
@@ -395,7 +398,10 @@ def _measure_block(s, src, block, layers: list[Layer], plan: Plan, inputs, m: di
     """Measures the block's layers not yet in ``m``; returns their encodings with the option
     ``keep`` names for each (the probe's)."""
     kept: dict[str, QMatrix] = {}
-    reference = calibration.run_block(block, inputs).args
+    # the Hessians from every row, each option's error from the first error_rows (measured on
+    # MiniLM: nearly all of what 128 rows give over 32 comes from the Hessians)
+    sample = _first_rows(inputs, s.error_rows)
+    reference = calibration.run_block(block, sample).args
     hessians = _Hessians(block, layers, inputs)
     remaining = {layer.key for layer in layers if layer.key not in m["layers"]}
     for layer in layers:
@@ -411,7 +417,7 @@ def _measure_block(s, src, block, layers: list[Layer], plan: Plan, inputs, m: di
             # bias is part of what is measured (exl2.model.centering)
             qm = _encode_centered(s, encode, layer.key, src.path, w, s.options[j], stats, b if s.centered else None)
             _apply(module, qm)
-            errors[j] = _output_error(block, inputs, reference)
+            errors[j] = _output_error(block, sample, reference)
             if keep.get(layer.key) == j:
                 kept[layer.key] = qm
         held.put_weight(module, w)  # the next layer is measured with this one as it was
@@ -423,6 +429,12 @@ def _measure_block(s, src, block, layers: list[Layer], plan: Plan, inputs, m: di
         remaining.discard(layer.key)
         hessians.done(layer.key, remaining)
     return kept
+
+
+def _first_rows(inputs: calibration.BlockInputs, rows: int | None) -> calibration.BlockInputs:
+    if rows is None or rows >= len(inputs.args):
+        return inputs
+    return calibration.BlockInputs(inputs.args[:rows], inputs.kwargs[:rows], inputs.tuple_output)
 
 
 def _output_error(block, inputs, reference) -> float:

@@ -50,6 +50,7 @@ class Recipe:
     rows: int = 16
     length: int = 128
     quant_rows: int | None = None  #: rows for the quantization pass (None: ``rows``)
+    error_rows: int | None = None  #: the first rows on which the measurement takes errors (None: all)
     gptq: bool = True
     percdamp: float = PERCDAMP
     err_norm: float = ERR_NORM
@@ -64,8 +65,8 @@ class Recipe:
 
     def measurement_key(self) -> tuple:
         """The fields a measurement depends on."""
-        return (self.layout, self.rows, self.length, self.gptq, self.percdamp, self.err_norm, self.centered,
-                self.measure, tuple(o.desc() for o in self.options))
+        return (self.layout, self.rows, self.error_rows, self.length, self.gptq, self.percdamp, self.err_norm,
+                self.centered, self.measure, tuple(o.desc() for o in self.options))
 
 
 # -- calibration ------------------------------------------------------------------------------
@@ -125,7 +126,8 @@ def block_linears(src: Source) -> list[list[tuple[str, torch.nn.Linear]]]:
 
 def measure_linears(src: Source, data, recipe: Recipe, progress: Callable = lambda m: None) -> dict:
     """Per linear and option, the block's relative squared output error with that linear alone
-    quantized (the pipeline's measurement), on the float model's block inputs; with GPTQ alone,
+    quantized (the pipeline's measurement), on the float model's block inputs (the Hessians from
+    every row, the errors from the first ``recipe.error_rows``); with GPTQ alone,
     as the pipeline measures (no coordinate descent). Returns ``{"errors": {key: [per option]},
     "block_weights": [per block]}``: the output probe's weights (:mod:`exl2.model.sensitivity`),
     taken in the same pass as the pipeline takes them."""
@@ -135,7 +137,9 @@ def measure_linears(src: Source, data, recipe: Recipe, progress: Callable = lamb
     inputs = calibration.first_block_inputs(src.model, src.blocks[0][1], data, **_model_kwargs(src))
     for (prefix, block), linears in zip(src.blocks, block_linears(src)):
         stats = input_stats(block, dict(linears), inputs)
-        reference = calibration.run_block(block, inputs).args
+        n = recipe.error_rows or len(inputs.args)
+        sample = calibration.BlockInputs(inputs.args[:n], inputs.kwargs[:n], inputs.tuple_output)
+        reference = calibration.run_block(block, sample).args
         kept: dict[str, QMatrix] = {}
         for key, module in linears:
             saved = (module.weight.detach().clone(), None if module.bias is None else module.bias.detach().clone())
@@ -146,7 +150,7 @@ def measure_linears(src: Source, data, recipe: Recipe, progress: Callable = lamb
             for j, opt in enumerate(recipe.options):
                 qm = encode(module, opt, stats[key], measuring)
                 put(module, qm)
-                errors[key].append(output_errors(block, inputs, reference)[0])
+                errors[key].append(output_errors(block, sample, reference)[0])
                 _restore(module, saved)
                 if j == keep:
                     kept[key] = qm
