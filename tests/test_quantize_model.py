@@ -132,7 +132,7 @@ def test_measurement_errors_on_the_first_error_rows_hessians_on_all(llama, tmp_p
     real_error, real_moments = pipeline._output_error, pipeline.calibration.group_moments
 
     def output_error(block, inputs, reference):
-        seen["errors"].add((len(inputs.args), len(reference)))
+        seen["errors"].add((len(inputs.args), len(reference.args)))
         return real_error(block, inputs, reference)
 
     def group_moments(block, module, inputs):

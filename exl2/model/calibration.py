@@ -116,6 +116,12 @@ class BlockInputs:
     def nbytes(self) -> int:
         return sum(a[0].numel() * a[0].element_size() for a in self.args)
 
+    def first(self, rows: int | None) -> BlockInputs:
+        """The first ``rows`` batches (all of them for None)."""
+        if rows is None or rows >= len(self.args):
+            return self
+        return BlockInputs(self.args[:rows], self.kwargs[:rows], self.tuple_output)
+
 
 def _is_cache(value: object) -> bool:
     """Whether ``value`` is a transformers key/value cache (``Cache``: update, get_seq_length)."""

@@ -57,12 +57,12 @@ def compute_decoded(encodings: list[tuple[nn.Linear, object]]):
     weights (and stored bias, as :func:`put_decoded` would put them), decoded anew for every
     forward: its own weights stay as they are and are not copied, so a whole block can run
     quantized while holding one decoded linear at a time."""
-    from ..reference import dequantize
+    from .centering import decoded
 
     previous = []
     for module, qm in encodings:
         def forward(x: torch.Tensor, module=module, qm=qm) -> torch.Tensor:
-            w = dequantize(qm)[:, : qm.out_features].T.to(x.device, torch.float32)
+            w = decoded(qm).T.to(x.device)
             bias = module.bias
             if bias is not None and qm.bias is not None:
                 bias = qm.output_bias.to(bias.device, torch.float32)

@@ -400,8 +400,8 @@ def _measure_block(s, src, block, layers: list[Layer], plan: Plan, inputs, m: di
     kept: dict[str, QMatrix] = {}
     # the Hessians from every row, each option's error from the first error_rows (measured on
     # MiniLM: nearly all of what 128 rows give over 32 comes from the Hessians)
-    sample = _first_rows(inputs, s.error_rows)
-    reference = calibration.run_block(block, sample).args
+    sample = inputs.first(s.error_rows)
+    reference = calibration.run_block(block, sample)
     hessians = _Hessians(block, layers, inputs)
     remaining = {layer.key for layer in layers if layer.key not in m["layers"]}
     for layer in layers:
@@ -431,18 +431,9 @@ def _measure_block(s, src, block, layers: list[Layer], plan: Plan, inputs, m: di
     return kept
 
 
-def _first_rows(inputs: calibration.BlockInputs, rows: int | None) -> calibration.BlockInputs:
-    if rows is None or rows >= len(inputs.args):
-        return inputs
-    return calibration.BlockInputs(inputs.args[:rows], inputs.kwargs[:rows], inputs.tuple_output)
-
-
-def _output_error(block, inputs, reference) -> float:
+def _output_error(block, inputs, reference: calibration.BlockInputs) -> float:
     """Relative squared error of the block's outputs: ``Σ ||y_q - y||² / Σ ||y||²`` over the calibration batches."""
-    out = calibration.run_block(block, inputs).args
-    num = sum(float((a[0] - b[0]).to(torch.float64).square().sum()) for a, b in zip(out, reference))
-    den = sum(float(b[0].to(torch.float64).square().sum()) for b in reference)
-    return num / max(den, 1e-30)
+    return sensitivity.relative_error(calibration.run_block(block, inputs), reference)
 
 
 def load_measurement(s: Settings, layers: list[Layer]) -> dict:

@@ -75,9 +75,6 @@ class OutputProbe:
         self.block_errors: list[float] = []
         self.final: BlockInputs | None = None
 
-    def _sample(self, inputs: BlockInputs) -> BlockInputs:
-        return BlockInputs(inputs.args[: self.rows], inputs.kwargs[: self.rows], inputs.tuple_output)
-
     def _shifted(self, rows: BlockInputs, delta: list[torch.Tensor]) -> BlockInputs:
         args = [(a[0] + d.to(a[0].dtype),) + tuple(a[1:]) for a, d in zip(rows.args, delta)]
         return BlockInputs(args, rows.kwargs, rows.tuple_output)
@@ -88,7 +85,7 @@ class OutputProbe:
     def block(self, block: torch.nn.Module, inputs: BlockInputs, perturb: Callable[[], Callable[[], None]]) -> None:
         """Advance every earlier difference through ``block`` (float), then start this block's:
         ``perturb()`` puts the probe's decoded weights in place and returns what restores them."""
-        rows = self._sample(inputs)
+        rows = inputs.first(self.rows)
         reference = calibration.run_block(block, rows)
         self.deltas = [self._delta(calibration.run_block(block, self._shifted(rows, d)), reference)
                        for d in self.deltas]

@@ -137,8 +137,7 @@ def measure_linears(src: Source, data, recipe: Recipe, progress: Callable = lamb
     inputs = calibration.first_block_inputs(src.model, src.blocks[0][1], data, **_model_kwargs(src))
     for (prefix, block), linears in zip(src.blocks, block_linears(src)):
         stats = input_stats(block, dict(linears), inputs)
-        n = recipe.error_rows or len(inputs.args)
-        sample = calibration.BlockInputs(inputs.args[:n], inputs.kwargs[:n], inputs.tuple_output)
+        sample = inputs.first(recipe.error_rows)
         reference = calibration.run_block(block, sample).args
         kept: dict[str, QMatrix] = {}
         for key, module in linears:
