@@ -7,8 +7,14 @@ flat in the number of blocks.
 
 The defaults are 4 and 16 blocks of llama-2-7b's shapes (7 GB of float16 at 16 blocks), with 2
 calibration rows of 128 tokens in both passes: with ``--plain`` (``exl2 quantize --aim plain
---sweeps 0``, GPTQ alone) about 100 s per block on two cores; with the converter's defaults (the
-aim at the float model and three sweeps of coordinate descent) several times that.
+--sweeps 0``, GPTQ alone) about two minutes per block on two cores; with the converter's
+defaults (the aim at the float model and three sweeps of coordinate descent) about four.
+
+    nice -n 10 flock /tmp/exl2-heavy.lock python benchmarks/streaming.py --plain --blocks 32 --add
+    nice -n 10 flock /tmp/exl2-heavy.lock python benchmarks/streaming.py --blocks 2 --results streaming-defaults
+
+add llama-2-7b's own 32 blocks to the recorded runs, and measure the defaults' peak on 2 blocks
+(it does not grow with the blocks).
 
 For each block count a synthetic llama is written to disk (random float16 weights, shard by
 shard, never held whole), converted at 4.0 bpw by ``exl2 quantize`` in a child process whose
@@ -186,8 +192,9 @@ def extrapolate(seconds_per_weight: float, options: int, rows: int, length: int)
     """Time and memory of converting real shapes (float16 checkpoints) on this machine, from the
     measured seconds per weight of one GPTQ pass: the measurement pass runs ``options`` GPTQs per
     weight, the quantization pass one. Memory from :func:`exl2.model.memory.estimate`, with the
-    default calibration (the quantization pass on 128 rows of 128 tokens) and with the benchmark's
-    (``rows`` x ``length`` for both passes)."""
+    default calibration (the quantization pass on 128 rows of 128 tokens; also with those
+    activations on disk, ``--activations disk``) and with the benchmark's (``rows`` x ``length``
+    for both passes)."""
     from exl2.model.memory import estimate
     from exl2.model.sensitivity import carried_bytes
 
@@ -200,23 +207,26 @@ def extrapolate(seconds_per_weight: float, options: int, rows: int, length: int)
         per_block = seconds_per_weight * weights * (options + 1)
         source = 2 * (blocks * (weights + 2 * hidden) + 2 * vocab * hidden + hidden)
 
-        def peak(tokens: int, plain: bool = False):
+        def peak(tokens: int, plain: bool = False, offloaded: int | None = None):
             # linears' weights held in float16 (2 bytes), norms in float32 (4); plain: with
             # --aim plain --sweeps 0 (GPTQ alone, no float model carried); the output probe on, as
             # by default; q, k, v, o, gate and up read inputs as wide as another's, down does not
             return estimate(2 * weights + 4 * 2 * hidden, shapes, hidden, tokens, vocab * hidden + hidden,
                             (hidden, vocab), head_bytes=2, refine=not plain, input_error=not plain,
                             probe_bytes=carried_bytes(blocks, length, hidden), measure_tokens=tokens,
-                            shared=[True] * 6 + [False])
+                            shared=[True] * 6 + [False], offloaded=offloaded,
+                            before=[2 * sum(k * n for k, n in shapes[:j]) for j in range(6)] + [0])
 
         e, few, plain = peak(128 * 128), peak(rows * length), peak(128 * 128, plain=True)
+        disk = peak(128 * 128, offloaded=length)  # --activations disk: one batch of each on the device
         out[name] = {"blocks": blocks, "weights_per_block": weights, "source_gb": source / 1e9,
                      "hours_per_block": per_block / 3600, "hours": blocks * per_block / 3600,
                      "quantize_pass_hours": blocks * seconds_per_weight * weights / 3600,
                      "peak_gb": e.cpu / 1e9, "block_gb": e.block / 1e9, "head_gb": e.head / 1e9,
                      "peak_over_source_pct": 100 * e.cpu / source,
                      "peak_gb_few_rows": few.cpu / 1e9, "peak_over_source_pct_few_rows": 100 * few.cpu / source,
-                     "peak_gb_plain": plain.cpu / 1e9, "peak_over_source_pct_plain": 100 * plain.cpu / source}
+                     "peak_gb_plain": plain.cpu / 1e9, "peak_over_source_pct_plain": 100 * plain.cpu / source,
+                     "peak_gb_disk": disk.cpu / 1e9, "peak_over_source_pct_disk": 100 * disk.cpu / source}
     return out
 
 
@@ -234,17 +244,29 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--plain", action="store_true",
                     help="convert with --aim plain --sweeps 0 (GPTQ alone: no float model carried, no coordinate descent)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/stream-bench"))
-    ap.add_argument("--no-record", action="store_true", help="do not write docs/results/streaming.*")
+    ap.add_argument("--no-record", action="store_true", help="do not write docs/results/RESULTS.*")
+    ap.add_argument("--results", default="streaming", choices=["streaming", "streaming-defaults"],
+                    help="the results' name under docs/results/ (streaming: the --plain runs the docs quote; "
+                         "streaming-defaults: runs with the converter's defaults)")
+    ap.add_argument("--add", action="store_true",
+                    help="add these runs to those recorded in docs/results/RESULTS.json (same shapes and settings; "
+                         "a run of the same block count is replaced) instead of recording these alone")
     ap.add_argument("--summarize", action="store_true",
-                    help="only recompute the derived figures of docs/results/streaming.json from its runs")
+                    help="only recompute the derived figures of docs/results/RESULTS.json from its runs")
     a = ap.parse_args(argv)
     if a.summarize:
-        record(summarize(json.loads((RESULTS / "streaming.json").read_text())))
+        record(summarize(json.loads((RESULTS / f"{a.results}.json").read_text())), a.results)
         return 0
     shapes = {"hidden": a.hidden, "intermediate": a.intermediate, "heads": a.heads, "kv_heads": a.kv_heads,
               "vocab": a.vocab, "rows": a.rows, "length": a.length, "measured": a.measure,
               "settings": "--aim plain --sweeps 0" if a.plain else "defaults"}
     extra = ("--aim", "plain", "--sweeps", "0") if a.plain else ()
+    recorded = []
+    if a.add:
+        old = json.loads((RESULTS / f"{a.results}.json").read_text())
+        if old["shapes"] != shapes:
+            ap.error(f"--add: docs/results/{a.results}.json was measured with {old['shapes']}, not {shapes}")
+        recorded = old["runs"]
     runs = []
     for blocks in [int(b) for b in a.blocks.split(",")]:
         work = a.work / f"b{blocks}"
@@ -260,10 +282,12 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(r), flush=True)
         finally:
             shutil.rmtree(work, ignore_errors=True)
+    counts = {r["blocks"] for r in runs}
+    runs = sorted([r for r in recorded if r["blocks"] not in counts] + runs, key=lambda r: r["blocks"])
     result = summarize({"machine": _machine(), "shapes": shapes, "runs": runs})
     print(json.dumps({k: v for k, v in result.items() if k != "runs"}))
     if not a.no_record:
-        record(result)
+        record(result, a.results)
     return 0
 
 
@@ -279,6 +303,8 @@ def summarize(result: dict) -> dict:
                  minutes=r["seconds"] / 60)
         r["estimate_over_peak_pct"] = 100 * (r["estimate_bytes"] / r["peak_rss_bytes"] - 1)
     first, last = runs[0], runs[-1]
+    for r in runs:
+        r["peak_change_from_first_pct"] = 100 * (r["peak_rss_bytes"] / first["peak_rss_bytes"] - 1)
     rate = last["seconds_per_weight"]
     if last["blocks"] > first["blocks"]:
         # the source grows by one block's bytes per block, the peak does not: from how many blocks
@@ -304,10 +330,10 @@ def summarize(result: dict) -> dict:
     return result
 
 
-def record(result: dict) -> None:
+def record(result: dict, name: str = "streaming") -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "streaming.json").write_text(json.dumps(result, indent=1) + "\n")
-    (RESULTS / "streaming.md").write_text(_table(result["runs"]))
+    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
+    (RESULTS / f"{name}.md").write_text(_table(result["runs"]))
 
 
 def _machine() -> dict:

@@ -106,6 +106,51 @@ def test_the_cross_moment_is_released_by_the_last_linear_of_its_group():
 
 
 @pytest.mark.skipif(not peak_memory.SUPPORTED, reason="reads /proc (clear_refs, VmHWM) and uses glibc's mallopt")
+def test_the_float_weights_go_before_the_last_group_is_encoded():
+    """While a block's last group is encoded no float forward follows: the earlier linears keep
+    only their decoded weights (one copy of the block), and the output is the same."""
+    import gc
+    import weakref
+
+    from exl2.model.held import put_decoded
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.o, self.d = torch.nn.Linear(32, 32), torch.nn.Linear(32, 32), torch.nn.Linear(32, 32)
+
+        def forward(self, x):
+            return x + self.d(torch.relu(self.o(self.q(x))))
+
+    def run(release: bool):
+        torch.manual_seed(0)
+        block = Block()
+        modules = {"q": block.q, "o": block.o, "d": block.d}
+        xs = BlockInputs([(torch.randn(1, 64, 32),) for _ in range(2)], [{} for _ in range(2)])
+        floats = {k: weakref.ref(m.weight) for k, m in modules.items()}
+        alive = {}
+
+        def encode_one(key, stats):
+            gc.collect()
+            alive[key] = sorted(k for k, r in floats.items() if r() is not None)
+            return input_error.encode(quantize, modules[key].weight, QParams(32, [4], [1.0]), stats, modules[key].bias)
+        if not release:
+            real = input_error._Swap.release
+            input_error._Swap.release = lambda self: None
+        try:
+            done = input_error.quantize_block(block, modules, xs, xs, encode_one, put_decoded)
+        finally:
+            if not release:
+                input_error._Swap.release = real
+        return alive, {k: (qm.q_weight, qm.q_scale) for k, qm in done.items()}
+
+    alive, done = run(True)
+    assert alive == {"q": ["d", "o", "q"], "o": ["d", "o", "q"], "d": ["d"]}
+    kept_alive, kept = run(False)
+    assert kept_alive["d"] == ["d", "o", "q"]  # without the release the float weights stay
+    assert all(torch.equal(a, b) for k in done for a, b in zip(done[k], kept[k]))
+
+
 def test_input_error_bytes_bound_the_memory_of_the_last_linear_of_a_group():
     """The cross moment made and released inside the measured code: the peak stays within the
     formula for a linear alone in its group; held to the end, it would not."""

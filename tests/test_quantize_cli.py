@@ -201,3 +201,7 @@ def test_aim_sweeps_and_weigh_are_checked(tmp_path):
     assert r.exit_code == 2 and "--weigh must be output or block, not '<b>all</b>'" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.output
     assert not out.exists()
+    r = quantize("example:minilm", "-o", str(out), "-b", "4.0", "--activations", "[red]swap[/red]")
+    assert r.exit_code == 2 and "--activations must be auto, device, cpu or disk, not '[red]swap[/red]'" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.output
+    assert not out.exists()

@@ -89,8 +89,14 @@ def test_refined_encoder_without_hessian_is_the_encoder():
 
 
 @pytest.mark.skipif(not peak_memory.SUPPORTED, reason="reads /proc (clear_refs, VmHWM) and uses glibc's mallopt")
-def test_refine_bytes_bounds_the_memory_refine_takes():
-    k, n = 1024, 4096
+@pytest.mark.parametrize("k, n", [(1024, 4096), (256, 65536)], ids=["square-ish", "wide-as-a-head"])
+def test_refine_bytes_bounds_the_memory_refine_takes(k, n):
+    from exl2.model.memory import REFINE_BLOCK
+    from exl2.model.refine import BLOCK
+
+    assert REFINE_BLOCK == BLOCK
+    # two sweeps: a second sweep's H D must not be made while the first one's is still held
+    # (a view of it outliving its name once did that), nor the packing run beside the buffers
     growth = peak_memory.growth("""
         from exl2 import QParams
         from exl2.model.refine import refine
@@ -102,7 +108,7 @@ def test_refine_bytes_bounds_the_memory_refine_takes():
         h.diagonal().add_(k)
         qm = quantize(weight, QParams(32, [4], [1.0]), h)
     """, """
-        out = refine(qm, weight, h, sweeps=1)
+        out = refine(qm, weight, h, sweeps=2)
         KEPT = out.q_weight.numel() * 4  # the result's words stay
     """, k, n)
     bound = refine_bytes(k, n)

@@ -75,6 +75,9 @@ def quantize_cmd(
                               "exllamav2 allocates"),
     loader: str = typer.Option("stream", "--loader", help="stream: one block at a time from disk; eager: the whole "
                                "model through transformers (for checkpoints whose names the streaming loader cannot map)"),
+    activations: str = typer.Option("auto", "--activations", help="where calibration activations are kept between "
+                                    "blocks: device, cpu (beside a GPU run), disk (in OUT.partial), or auto (off the "
+                                    "device only when the estimated peak would not fit)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace OUT if it exists (only once the new one is complete)"),
 ) -> None:
     """Measure every layer's options, allocate bits within numel x BPW exactly, quantize with GPTQ,
@@ -97,6 +100,8 @@ def quantize_cmd(
         raise fail(f"--aim must be float or plain, not {aim!r}", 2)
     if weigh not in ("output", "block"):
         raise fail(f"--weigh must be output or block, not {weigh!r}", 2)
+    if activations not in ("auto", "device", "cpu", "disk"):
+        raise fail(f"--activations must be auto, device, cpu or disk, not {activations!r}", 2)
     if device == "auto":
         import torch
 
@@ -104,7 +109,7 @@ def quantize_cmd(
     settings = Settings(src=src, out=out, bpw=bpw, head_bits=head_bits, calibration=calibration, rows=rows,
                         quant_rows=quant_rows, error_rows=error_rows, length=length, measurement=measurement, device=device, overwrite=overwrite,
                         streaming=loader == "stream", refine=sweeps, input_error=aim == "float",
-                        sensitivity=weigh == "output")
+                        sensitivity=weigh == "output", activations=activations)
     progress = _bar if sys.stderr.isatty() else log_lines(_note)
     _map_large_allocations()
     try:

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..errors import ContainerError
+from .offload import Batches, Store, empty_like
 
 #: Most calibration tokens (rows x length) accepted: exllamav2's largest default is 100 x 2048.
 MAX_TOKENS = 1 << 24
@@ -107,14 +108,13 @@ class _Stop(Exception):
 @dataclass
 class BlockInputs:
     """The positional and keyword arguments of a block, one entry per calibration batch.
-    ``tuple_output``: whether the blocks return a tuple (older transformers) or a tensor."""
+    ``tuple_output``: whether the blocks return a tuple (older transformers) or a tensor.
+    ``args`` is a list, or an :class:`exl2.model.offload.Batches` (which acts as one) whose
+    hidden states are held in CPU memory or on disk."""
 
-    args: list[tuple]
+    args: list[tuple] | Batches
     kwargs: list[dict]
     tuple_output: bool = False
-
-    def nbytes(self) -> int:
-        return sum(a[0].numel() * a[0].element_size() for a in self.args)
 
     def first(self, rows: int | None) -> BlockInputs:
         """The first ``rows`` batches (all of them for None)."""
@@ -128,8 +128,11 @@ def _is_cache(value: object) -> bool:
     return callable(getattr(value, "update", None)) and callable(getattr(value, "get_seq_length", None))
 
 
-def first_block_inputs(model: nn.Module, block: nn.Module, data: list[dict], **model_kwargs) -> BlockInputs:
-    captured = BlockInputs([], [])
+def first_block_inputs(model: nn.Module, block: nn.Module, data: list[dict], store: Store | None = None,
+                       **model_kwargs) -> BlockInputs:
+    """The first block's arguments for each calibration batch, its hidden states held by
+    ``store`` (default: as computed, on the device)."""
+    captured = BlockInputs(store.batches() if store is not None else [], [])
 
     def hook(_module, args, kwargs):
         captured.args.append(args)
@@ -153,8 +156,8 @@ def first_block_inputs(model: nn.Module, block: nn.Module, data: list[dict], **m
 
 
 def run_block(block: nn.Module, inputs: BlockInputs) -> BlockInputs:
-    """The block's outputs as the next block's inputs."""
-    out = BlockInputs([], inputs.kwargs)
+    """The block's outputs as the next block's inputs (held as its inputs are)."""
+    out = BlockInputs(empty_like(inputs.args), inputs.kwargs)
     with torch.inference_mode():
         for args, kwargs in zip(inputs.args, inputs.kwargs):
             y = block(*args, **kwargs)

@@ -47,9 +47,18 @@ def put_decoded(module: nn.Linear, qm) -> None:
     from ..reference import dequantize
 
     put_weight(module, dequantize(qm)[:, : qm.out_features].T)
-    with torch.no_grad():
-        if module.bias is not None and qm.bias is not None:
-            module.bias.copy_(qm.output_bias.to(module.bias.device, torch.float32))
+    bias = decoded_bias(module, qm)
+    if bias is not module.bias:
+        with torch.no_grad():
+            module.bias.copy_(bias)
+
+
+def decoded_bias(module: nn.Linear, qm) -> torch.Tensor | None:
+    """The bias ``module`` computes with once it holds ``qm``: the stored one (float32) when both
+    have a bias, else its own (the encoder stores a bias only for a layer that has one)."""
+    if module.bias is not None and qm.bias is not None:
+        return qm.output_bias.to(module.bias.device, torch.float32)
+    return module.bias
 
 
 def compute_decoded(encodings: list[tuple[nn.Linear, object]]):
@@ -62,11 +71,7 @@ def compute_decoded(encodings: list[tuple[nn.Linear, object]]):
     previous = []
     for module, qm in encodings:
         def forward(x: torch.Tensor, module=module, qm=qm) -> torch.Tensor:
-            w = decoded(qm).T.to(x.device)
-            bias = module.bias
-            if bias is not None and qm.bias is not None:
-                bias = qm.output_bias.to(bias.device, torch.float32)
-            return nn.functional.linear(x, w, bias)
+            return nn.functional.linear(x, decoded(qm).T.to(x.device), decoded_bias(module, qm))
 
         previous.append((module, module.__dict__.get("forward")))
         module.forward = forward

@@ -160,6 +160,14 @@ class _Swap:
     def __init__(self, put: Callable[[torch.nn.Linear, QMatrix], None]) -> None:
         self.put = put
         self.layers: list[tuple[torch.nn.Linear, tuple, tuple]] = []
+        self.released = False
+
+    def release(self) -> None:
+        """No float forward follows: drop the float parameters kept for one (the decoded ones
+        stay in place), and from now on put decoded weights without keeping the float ones."""
+        self(True)
+        self.layers = []
+        self.released = True
 
     @staticmethod
     def _params(module: torch.nn.Linear) -> tuple:
@@ -172,6 +180,9 @@ class _Swap:
             module._parameters["bias"] = params[1]
 
     def keep(self, module: torch.nn.Linear, qm: QMatrix) -> None:
+        if self.released:
+            self.put(module, qm)
+            return
         original = self._params(module)
         self._set(module, tuple(None if p is None else torch.nn.Parameter(p.detach().clone(), requires_grad=False)
                                 for p in original))
@@ -196,11 +207,16 @@ def quantize_block(block: torch.nn.Module, modules: dict[str, torch.nn.Linear], 
     with its decoded weights; the float ones are dropped."""
     swap = _Swap(put)
     done: dict[str, QMatrix] = {}
-    for group in input_groups(block, modules, inputs):
+    groups = input_groups(block, modules, inputs)
+    for i, group in enumerate(groups):
         held = {k: saved(k) for k in group}
         stats = None
         if any(qm is None for qm in held.values()):
             stats = cross_moments(block, modules[group[0]], reference, inputs, swap)
+        if i == len(groups) - 1:
+            # the float model has run its last forward through this block: the earlier groups'
+            # float weights go before the last group's encoder needs its memory
+            swap.release()
         pending = [k for k in group if held[k] is None]
         for key in group:
             if held[key] is None:

@@ -11,8 +11,8 @@ the process itself (Python, torch and transformers, :data:`BASE_BYTES`):
   reading the same input share one) and the encoder's work on the linear that needs most
   (:func:`encode_bytes`, or the coordinate descent after it, :func:`refine_bytes`); in the
   quantization pass aimed at the float model (:mod:`exl2.model.input_error`, the default) also
-  the block's linears a second time (their float weights kept beside the decoded ones until the
-  block is done), a second ``[K, K]`` moment and the corrected weight (:func:`input_error_bytes`);
+  the decoded weights of the linears before the one being encoded, beside their float ones (the
+  float model runs through the block until its last group of linears is reached), a second ``[K, K]`` moment and the corrected weight (:func:`input_error_bytes`);
   while measuring with the output probe (:mod:`exl2.model.sensitivity`, the default), on the
   measurement's rows, GPTQ's work, one linear decoded for the probe's forward and the probe's
   carried differences (its rows per block seen, :func:`exl2.model.sensitivity.carried_bytes`);
@@ -22,7 +22,9 @@ the process itself (Python, torch and transformers, :data:`BASE_BYTES`):
   its Hessian and the encoder's work on it.
 
 On ``--device cuda`` the same three phases are in VRAM instead; the CPU then holds the process
-and one tensor being read at a time.
+and one tensor being read at a time. With the activations held off the device
+(:mod:`exl2.model.offload`) each phase counts one calibration batch of them instead of all; in
+CPU memory beside a GPU run they are ``host`` bytes there.
 """
 
 from __future__ import annotations
@@ -52,12 +54,18 @@ def encode_bytes(k: int, n: int, centered: bool = False) -> int:
     return 9 * k * n + 32 * GROUP_ROWS * n + (8 if centered else 4) * k * k
 
 
+#: Rows of a block of the coordinate descent (:data:`exl2.model.refine.BLOCK`).
+REFINE_BLOCK = 128
+
+
 def refine_bytes(k: int, n: int) -> int:
     """Working memory of :func:`exl2.model.refine.refine` on a ``[k, n]`` linear: the weight and
-    the error ``D`` permuted and ``H D`` (3 x 4 bytes per weight), the codes (1), the packed
-    result and the groups' unpacked codes (about 1 more), and the permuted, damped Hessian (4
-    bytes per entry)."""
-    return 14 * k * n + 4 * k * k
+    the error ``D`` permuted and ``H D`` (3 x 4 bytes per weight), the codes (1), the groups'
+    unpacked codes (about 1 more), the permuted, damped Hessian (4 bytes per entry), and a block's
+    temporaries, ``[128, n]`` float32 each: its ``D`` as it was, its change and a row's rank-1
+    update (12 x 128 x n bytes, which count for a layer as wide as a head). The weight, ``D`` and
+    the Hessian are released before the codes are packed."""
+    return 14 * k * n + 4 * k * k + 12 * REFINE_BLOCK * n
 
 
 def input_error_bytes(k: int, n: int, centered: bool = False, shared: bool = True) -> int:
@@ -80,6 +88,8 @@ class Estimate:
     device: str
     #: Held for the whole run: the model in float32 when it is loaded whole (not streaming).
     resident: int = 0
+    #: Held in CPU memory beside a GPU run: its activations, with ``--activations cpu``.
+    host: int = 0
 
     @property
     def peak(self) -> int:
@@ -87,7 +97,7 @@ class Estimate:
 
     @property
     def cpu(self) -> int:
-        return BASE_BYTES + (self.resident + self.peak if self.device == "cpu" else 0)
+        return BASE_BYTES + (self.resident + self.peak if self.device == "cpu" else self.host)
 
     @property
     def gpu(self) -> int:
@@ -95,7 +105,7 @@ class Estimate:
 
     def line(self) -> str:
         gb = 1e9
-        where = "RAM" if self.device == "cpu" else f"{self.device} memory (RAM: about {BASE_BYTES / gb:.1f} GB)"
+        where = "RAM" if self.device == "cpu" else f"{self.device} memory (RAM: about {self.cpu / gb:.1f} GB)"
         phase = max(("a block", self.block), ("outside the blocks", self.outside), ("the head", self.head),
                     key=lambda x: x[1])[0]
         whole = f", the whole model {self.resident / gb:.2f} GB" if self.resident else ""
@@ -108,7 +118,8 @@ def estimate(block_bytes: int, layer_shapes: list[tuple[int, int]], hidden: int,
              outside_params: int, head_shape: tuple[int, int] | None, device: str = "cpu",
              resident: int = 0, biased: list[bool] | None = None, head_bytes: int = 4, refine: bool = True,
              input_error: bool = True, probe_bytes: int = 0, shared: list[bool] | None = None,
-             measure_tokens: int | None = None) -> Estimate:
+             measure_tokens: int | None = None, offloaded: int | None = None, host: int = 0,
+             before: list[int] | None = None) -> Estimate:
     """The phases' bytes for a model whose largest block holds ``block_bytes`` of weights and
     linears ``layer_shapes`` (``(in_features, out_features)``; ``biased``, aligned with them:
     which have a bias), ``tokens`` = rows x length; ``head_bytes``: bytes per weight of the head
@@ -118,17 +129,27 @@ def estimate(block_bytes: int, layer_shapes: list[tuple[int, int]], hidden: int,
     (default: all may); ``probe_bytes``: the hidden states the
     measurement carries for :mod:`exl2.model.sensitivity` (0: no probe), beside the measuring of
     a block on ``measure_tokens`` tokens (default ``tokens``) and one linear decoded for the
-    probe's forward (float16 and float32: 6 bytes a weight)."""
+    probe's forward (float16 and float32: 6 bytes a weight); ``offloaded``: the tokens of one
+    calibration batch when the activations are held off the device (:mod:`exl2.model.offload`),
+    which then holds one batch of each at a time; ``host``: bytes a GPU run holds in CPU memory
+    beside the process (its activations, when offloaded there); ``before``, aligned with
+    ``layer_shapes``: with ``input_error``, the bytes (as held) of the linears before each in its
+    block, whose decoded weights are held beside their float ones while it is encoded; 0 for the
+    last linear of a block, which the float model no longer needs once it is reached (default:
+    the whole block's again for every linear)."""
     biased = biased or [False] * len(layer_shapes)
     shared = shared or [True] * len(layer_shapes)
+    tokens = offloaded or tokens
+    measure_tokens = offloaded or measure_tokens or tokens
     activations = 3 * tokens * hidden * 4
     widest = max(k for k, _ in layer_shapes)
+    before = before if before is not None else [block_bytes] * len(layer_shapes)
     work = max(max(encode_bytes(k, n, b), refine_bytes(k, n) if refine else 0)
-               + (input_error_bytes(k, n, b, s) if input_error else 0)
-               for (k, n), b, s in zip(layer_shapes, biased, shared))
-    block = (2 if input_error else 1) * block_bytes + activations + 4 * widest * widest + work
+               + (input_error_bytes(k, n, b, s) + f if input_error else 0)
+               for (k, n), b, s, f in zip(layer_shapes, biased, shared, before))
+    block = block_bytes + activations + 4 * widest * widest + work
     if probe_bytes:
-        measuring = block_bytes + 3 * (measure_tokens or tokens) * hidden * 4 + 4 * widest * widest + probe_bytes + \
+        measuring = block_bytes + 3 * measure_tokens * hidden * 4 + 4 * widest * widest + probe_bytes + \
             max(encode_bytes(k, n, b) for (k, n), b in zip(layer_shapes, biased)) + 6 * max(k * n for k, n in layer_shapes)
         block = max(block, measuring)
     outside = 4 * outside_params + 2 * tokens * hidden * 4
@@ -137,4 +158,4 @@ def estimate(block_bytes: int, layer_shapes: list[tuple[int, int]], hidden: int,
         k, n = head_shape
         head = head_bytes * k * n + 4 * k * k + max(encode_bytes(k, n), refine_bytes(k, n) if refine else 0) \
             + activations
-    return Estimate(block, outside, head, "cpu" if device == "cpu" else device, resident)
+    return Estimate(block, outside, head, "cpu" if device == "cpu" else device, resident, host)

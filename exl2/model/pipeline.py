@@ -51,7 +51,7 @@ from ..format import padded_columns, row_granule
 from ..io import atomic_path, open_model
 from ..qmatrix import QMatrix
 from ..qparams import QParams
-from . import arch, calibration, centering, held, input_error, memory, output, sensitivity
+from . import arch, calibration, centering, held, input_error, memory, offload, output, sensitivity
 from .allocate import allocate
 from .job import Job
 from .options import HEAD_OPTIONS, OPTIONS, head_option
@@ -88,6 +88,9 @@ class Settings:
     options: tuple[QParams, ...] = field(default=OPTIONS)
     #: Read one block at a time from the checkpoint (False: load the whole model with transformers).
     streaming: bool = True
+    #: Where calibration activations are kept between blocks (:mod:`exl2.model.offload`): auto,
+    #: device, cpu or disk
+    activations: str = "auto"
 
 
 @dataclass
@@ -159,6 +162,8 @@ class Plan:
     costs: dict[str, list[int]]
     numel: int
     text: str
+    #: The kind of :class:`offload.Store` the run keeps its activations in.
+    activations: str = "device"
 
 
 def quantize_model(s: Settings, progress=None, log: Callable[[str], None] = lambda m: None) -> dict:
@@ -183,15 +188,17 @@ def quantize_model(s: Settings, progress=None, log: Callable[[str], None] = lamb
             calibration.batches(src.tokenizer, text, quant_rows, s.length, s.device, where, layout=s.layout)
         given = load_measurement(s, plan.layers) if s.measurement is not None else None
         job = _job(s.out, params)
+        store = offload.Store(plan.activations, s.device, job.dir / "activations")
         encode = _encoder(s.device)
         # the options are measured with GPTQ alone: coordinate descent on every option would
         # cost the measurement more than twice its time (measured on MiniLM), for a change in
         # the errors' ranking that the allocation hardly sees
-        m = measure(s, src, plan, data, job, encode, progress, given)
+        m = measure(s, src, plan, data, job, encode, progress, given, store)
         choice, alloc = allocate_bits(plan, m, s.bpw, m.get("block_weights") if s.sensitivity else None)
         log(f"allocation: {alloc.total_bits / plan.numel:.4f} bpw, error {alloc.objective:.5g} "
             f"(certified gap {alloc.gap:.2g})")
-        quantize_pass(s, src, plan.layers, choice, quant_data, job, refined(encode, s.refine), progress)
+        quantize_pass(s, src, plan.layers, choice, quant_data, job, refined(encode, s.refine), progress, store)
+        store.close()
         summary = write_output(s, src, plan.layers, job, m, log)
     summary.update(allocation={"objective": alloc.objective, "bound": alloc.bound,
                                "choice": {k: s.options[j].desc() for k, j in choice.items()}})
@@ -209,6 +216,8 @@ def _check_settings(s: Settings) -> None:
         raise UsageError(f"--head-bits must be one of {sorted(HEAD_OPTIONS)} (exllamav2's head options)")
     if s.rows < 1 or s.length < 8 or (s.error_rows is not None and s.error_rows < 1):
         raise UsageError("--rows and --error-rows must be at least 1 and --length at least 8")
+    if s.activations not in ("auto", *offload.KINDS):
+        raise UsageError(f"--activations must be one of auto, {', '.join(offload.KINDS)}")
     s.device = check_device(s.device)
     if s.out.exists() and not (s.overwrite and s.out.is_dir()):
         raise ContainerError("already exists; choose another output folder or pass --overwrite", file=str(s.out))
@@ -233,15 +242,33 @@ def _plan(s: Settings, src: Source, text: str, log: Callable[[str], None]) -> Pl
     hi = sum(max(costs[layer.key][j] for j in layer.fits) for layer in layers) / numel
     if not lo <= s.bpw <= hi:
         raise UsageError(f"target {s.bpw} bpw is outside what the options reach for this model ({lo:.2f}..{hi:.2f})")
-    estimate = numel * s.bpw / 8 + 2 * src.numel() - 2 * numel
+    probe = sensitivity.carried_bytes(len(src.blocks), s.length, layers[0].shape[0]) if s.sensitivity else 0
+    tokens = _quant_rows(s) * s.length
+
+    def peak(offloaded: int | None = None, host: int = 0) -> memory.Estimate:
+        return memory_estimate(src, tokens, s.device, s.refine > 0, s.input_error, probe, measure_tokens=s.rows * s.length,
+                               offloaded=offloaded, host=host)
+
+    on_device, off_device = peak(), peak(s.length)
+    # the hidden states a pass keeps at once: a block's inputs, its outputs, the float model's
+    # and their successors (the quantization pass aimed at the float model)
+    kept = 4 * tokens * layers[0].shape[0] * 4
+    cuda = s.device != "cpu"
+    kind, why = offload.choose(s.activations, s.device, on_device.gpu if cuda else on_device.cpu,
+                               off_device.gpu if cuda else off_device.cpu, kept, offload.available_bytes(s.device),
+                               offload.available_bytes("cpu") if cuda else None)
+    estimate = numel * s.bpw / 8 + 2 * src.numel() - 2 * numel + (kept if kind == "disk" else 0)
     free = shutil.disk_usage(next(p for p in s.out.absolute().parents if p.exists())).free
     if free < 2 * estimate:
         raise ContainerError(f"not enough disk: about {2 * estimate / 1e9:.1f} GB needed, {free / 1e9:.1f} GB free",
                              file=str(s.out))
-    probe = sensitivity.carried_bytes(len(src.blocks), s.length, layers[0].shape[0]) if s.sensitivity else 0
-    log(memory_estimate(src, _quant_rows(s) * s.length, s.device, s.refine > 0, s.input_error, probe,
-                        measure_tokens=s.rows * s.length).line())
-    return Plan(layers, costs, numel, text)
+    if kind == "device":
+        log(on_device.line())
+    else:
+        log(peak(s.length, kept if kind == "cpu" and cuda else 0).line())
+        where = "in CPU memory" if kind == "cpu" else "on disk, in the job folder"
+        log(f"activations: {kept / 1e9:.2f} GB kept {where}, one batch at a time on the device ({why})")
+    return Plan(layers, costs, numel, text, kind)
 
 
 def _quant_rows(s: Settings) -> int:
@@ -250,14 +277,24 @@ def _quant_rows(s: Settings) -> int:
 
 
 def memory_estimate(src: Source, tokens: int, device: str, refine: bool = True,
-                    input_error: bool = True, probe_bytes: int = 0, measure_tokens: int | None = None) -> memory.Estimate:
+                    input_error: bool = True, probe_bytes: int = 0, measure_tokens: int | None = None,
+                    offloaded: int | None = None, host: int = 0) -> memory.Estimate:
     """The memory :mod:`exl2.model.memory` expects for converting ``src`` with ``tokens``
     calibration tokens (rows x length), with or without the coordinate descent, the aim at the
     float model and the output probe's carried hidden states (``probe_bytes``, while measuring on
-    ``measure_tokens``)."""
+    ``measure_tokens``); ``offloaded`` and ``host``: as :func:`memory.estimate` takes them."""
     sizes = [sum(p.numel() for p in b.parameters()) for _, b in src.blocks]
     held_bytes = max(src.block_bytes(i) for i in range(len(src.blocks)))
     blocks = [list(arch.linears(b, p).values()) for p, b in src.blocks]
+    # the aim at the float model holds the decoded weights of a block's earlier linears beside
+    # their float ones (4 bytes a parameter outside the linears' weights, which are held as
+    # stored), except for the block's last linear (input_error.quantize_block releases them)
+    before = []
+    for i, ms in enumerate(blocks):
+        weights = sum(m.weight.numel() for m in ms)
+        per_weight = (src.block_bytes(i) - 4 * (sizes[i] - weights)) / max(1, weights)
+        seen = [sum(m.weight.numel() for m in ms[:j]) for j in range(len(ms))]
+        before += [0 if j == len(ms) - 1 else math.ceil(per_weight * w) for j, w in enumerate(seen)]
     linears = [m for ms in blocks for m in ms]
     shapes = [(m.in_features, m.out_features) for m in linears]
     # which linears may read the same input as another (found only by running the block): any
@@ -270,7 +307,7 @@ def memory_estimate(src: Source, tokens: int, device: str, refine: bool = True,
                            resident=0 if src.streaming else 4 * src.numel(),
                            biased=[m.bias is not None for m in linears], head_bytes=src.head_weight_bytes(),
                            refine=refine, input_error=input_error, probe_bytes=probe_bytes, shared=shared,
-                           measure_tokens=measure_tokens)
+                           measure_tokens=measure_tokens, offloaded=offloaded, host=host, before=before)
 
 
 def _job(out: Path, params: dict) -> Job:
@@ -333,7 +370,7 @@ def _encode_centered(s: Settings, encode: Callable, key: str, where: Path, weigh
 
 
 def measure(s: Settings, src: Source, plan: Plan, data, job: Job, encode: Callable, progress,
-            given: dict | None = None) -> dict:
+            given: dict | None = None, store: offload.Store | None = None) -> dict:
     """Every fitting option's error for every layer (``measurement.json``: per layer ``shape``,
     ``costs`` and ``errors`` aligned with ``options``; ``null`` for an option that does not fit),
     and with ``s.sensitivity`` the blocks' weights (``block_weights``, one per block). A
@@ -350,7 +387,7 @@ def measure(s: Settings, src: Source, plan: Plan, data, job: Job, encode: Callab
         return m
     last = len(src.blocks) - 1 if probe is not None else todo[-1]
     with src.outside():
-        inputs = calibration.first_block_inputs(src.model, src.blocks[0][1], data, **_model_kwargs(src))
+        inputs = calibration.first_block_inputs(src.model, src.blocks[0][1], data, store, **_model_kwargs(src))
     for i in progress(range(last + 1), last + 1, "measure"):
         with src.block(i) as block:
             layers = _block_layers(plan.layers, i)
@@ -493,7 +530,7 @@ _apply = held.put_decoded
 
 
 def quantize_pass(s: Settings, src: Source, layers: list[Layer], choice: dict[str, int], data, job: Job,
-                  encode: Callable, progress) -> None:
+                  encode: Callable, progress, store: offload.Store | None = None) -> None:
     """GPTQ with each layer's chosen option, block by block, then the head. With
     ``s.input_error`` the float model's activations are carried beside the quantized model's
     (:mod:`exl2.model.input_error`)."""
@@ -503,7 +540,7 @@ def quantize_pass(s: Settings, src: Source, layers: list[Layer], choice: dict[st
     if last < 0:
         return
     with src.outside():
-        inputs = calibration.first_block_inputs(src.model, src.blocks[0][1], data, **_model_kwargs(src))
+        inputs = calibration.first_block_inputs(src.model, src.blocks[0][1], data, store, **_model_kwargs(src))
     reference = inputs if s.input_error else None  # the float model's inputs of the block
     for i in progress(range(last + 1), last + 1, "quantize"):
         more = i < last or not head_done

@@ -92,7 +92,10 @@ def refine(qm: QMatrix, weight: torch.Tensor, hessian: torch.Tensor, sweeps: int
             if bool(change.any()):  # the rows outside the block, once
                 g_all[:a].addmm_(h[:a, a:b], change)  # in place: no [K, N] temporary
                 g_all[b:].addmm_(h[b:, a:b], change)
-        del g_all
+            del d_old, change
+        # g, a view of g_all, would otherwise keep it alive into the next sweep's H D
+        del g_all, g
+    del w, d, h  # only the codes are packed
     words = [pack_codes(codes[g.row:g.row + g.rows].to(torch.int64), g.bits) for g in qm.groups]
     return replace(qm, q_weight=torch.cat(words))
 
