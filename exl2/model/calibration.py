@@ -43,6 +43,13 @@ def read_text(path: Path | None) -> str:
         raise ContainerError(f"cannot be read ({e.strerror})", file=str(path)) from None
 
 
+def check_tokens(rows: int, length: int, where: str = "calibration text") -> None:
+    """Refuses more than :data:`MAX_TOKENS` calibration tokens (a one-line error naming ``where``)."""
+    if rows * length > MAX_TOKENS:
+        raise ContainerError(f"{rows} rows x {length} tokens is more than the {MAX_TOKENS:,} calibration tokens "
+                             f"accepted", file=where)
+
+
 def batches(tokenizer, text: str, rows: int, length: int, device: str = "cpu", where: str = "calibration text",
             layout: str = "stream") -> list[dict[str, torch.Tensor]]:
     """Calibration rows, one per batch. ``layout="stream"``: ``rows`` sequences of ``length``
@@ -51,9 +58,7 @@ def batches(tokenizer, text: str, rows: int, length: int, device: str = "cpu", w
     its inputs (the tokenizer's special tokens: BERT's [CLS] ... [SEP], a llama's BOS), a
     paragraph longer than ``length`` tokens split over several rows; rows repeat from the first
     when ``rows`` outnumbers them. ``where`` names the text in errors."""
-    if rows * length > MAX_TOKENS:
-        raise ContainerError(f"{rows} rows x {length} tokens is more than the {MAX_TOKENS:,} calibration tokens "
-                             f"accepted", file=where)
+    check_tokens(rows, length, where)
     if layout == "documents":
         return _document_rows(tokenizer, text, rows, length, device, where)
     if layout != "stream":

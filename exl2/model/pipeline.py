@@ -242,6 +242,8 @@ def _plan(s: Settings, src: Source, text: str, log: Callable[[str], None]) -> Pl
     hi = sum(max(costs[layer.key][j] for j in layer.fits) for layer in layers) / numel
     if not lo <= s.bpw <= hi:
         raise UsageError(f"target {s.bpw} bpw is outside what the options reach for this model ({lo:.2f}..{hi:.2f})")
+    # before any size is estimated from them
+    calibration.check_tokens(_quant_rows(s), s.length, str(s.calibration or "the default calibration text"))
     probe = sensitivity.carried_bytes(len(src.blocks), s.length, layers[0].shape[0]) if s.sensitivity else 0
     tokens = _quant_rows(s) * s.length
 
