@@ -181,7 +181,7 @@ def quantize_model(s: Settings, progress=None, log: Callable[[str], None] = lamb
                                   "centered": s.centered, "refine": s.refine, "input_error": s.input_error,
                                   "sensitivity": s.sensitivity,
                                   "sha256": hashlib.sha256(text.encode()).hexdigest()}}
-        where = str(s.calibration or "the default calibration text")
+        where = _calibration_name(s)
         data = calibration.batches(src.tokenizer, text, s.rows, s.length, s.device, where, layout=s.layout)
         quant_rows = _quant_rows(s)
         quant_data = data if quant_rows == s.rows else \
@@ -217,7 +217,8 @@ def _check_settings(s: Settings) -> None:
     if s.rows < 1 or s.length < 8 or (s.error_rows is not None and s.error_rows < 1):
         raise UsageError("--rows and --error-rows must be at least 1 and --length at least 8")
     if s.activations not in ("auto", *offload.KINDS):
-        raise UsageError(f"--activations must be one of auto, {', '.join(offload.KINDS)}")
+        raise UsageError(f"--activations must be auto, {', '.join(offload.KINDS[:-1])} or {offload.KINDS[-1]}, "
+                         f"not {s.activations!r}")
     s.device = check_device(s.device)
     if s.out.exists() and not (s.overwrite and s.out.is_dir()):
         raise ContainerError("already exists; choose another output folder or pass --overwrite", file=str(s.out))
@@ -243,7 +244,7 @@ def _plan(s: Settings, src: Source, text: str, log: Callable[[str], None]) -> Pl
     if not lo <= s.bpw <= hi:
         raise UsageError(f"target {s.bpw} bpw is outside what the options reach for this model ({lo:.2f}..{hi:.2f})")
     # before any size is estimated from them
-    calibration.check_tokens(_quant_rows(s), s.length, str(s.calibration or "the default calibration text"))
+    calibration.check_tokens(_quant_rows(s), s.length, _calibration_name(s))
     probe = sensitivity.carried_bytes(len(src.blocks), s.length, layers[0].shape[0]) if s.sensitivity else 0
     tokens = _quant_rows(s) * s.length
 
@@ -267,10 +268,15 @@ def _plan(s: Settings, src: Source, text: str, log: Callable[[str], None]) -> Pl
     if kind == "device":
         log(on_device.line())
     else:
-        log(peak(s.length, kept if kind == "cpu" and cuda else 0).line())
+        log((peak(s.length, kept) if kind == "cpu" and cuda else off_device).line())
         where = "in CPU memory" if kind == "cpu" else "on disk, in the job folder"
         log(f"activations: {kept / 1e9:.2f} GB kept {where}, one batch at a time on the device ({why})")
     return Plan(layers, costs, numel, text, kind)
+
+
+def _calibration_name(s: Settings) -> str:
+    """The calibration text as errors name it."""
+    return str(s.calibration or "the default calibration text")
 
 
 def _quant_rows(s: Settings) -> int:
